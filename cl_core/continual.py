@@ -1,0 +1,467 @@
+"""`ContinualLLM`: a vLLM-served model that keeps learning from experiences and corrections.
+
+Inference (generate, score, embed) goes to vLLM. Learning trains a LoRA adapter with the PEFT learner on the same
+base weights, on a background worker thread, and publishes each new version into the running engine; the engine
+keeps serving the previous version until the switch, and no restart ever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from cl_core.config import ContinualConfig
+from cl_core.engine import AdapterHandle, EngineSettings, Generation, VLLMEngine
+from cl_core.errors import CheckpointError, ConfigError, InvalidInputError, NothingToLearnError
+from cl_core.learner import Example, LearnerSettings, LoRALearner
+from cl_core.models import model_fingerprint, resolve_model
+from cl_core.prompting import check_text, encode_pair, encode_prompt
+from cl_core.reports import AdapterVersion, CorrectionReport, LearnReport, ScoreResult
+from cl_core.store import Experience, ExperienceStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CHECKPOINT_FORMAT = 1
+
+
+class ContinualLLM:
+    """A frozen base model served by vLLM plus a LoRA adapter that keeps learning.
+
+    >>> model = ContinualLLM(ContinualConfig(lora_rank=16))
+    >>> model.learn_from_correction(prompt="...", bad_response="...", good_response="...")
+    """
+
+    def __init__(self, config: ContinualConfig | None = None, *, engine: VLLMEngine | None = None,
+                 **overrides: Any) -> None:
+        config = config or ContinualConfig()
+        if not isinstance(config, ContinualConfig):
+            raise ConfigError(f"config must be a ContinualConfig, got {type(config).__name__}")
+        self.config = config.replace(**overrides) if overrides else config
+        self.model_path = resolve_model(self.config.model)
+        self.work_dir = Path(self.config.work_dir or tempfile.mkdtemp(prefix="cl_core-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "adapters").mkdir(exist_ok=True)
+        store_path = self.config.store_path or self.work_dir / "experiences.sqlite"
+        self.store = ExperienceStore(store_path, self.config.buffer_size, self.config.priority_function)
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else VLLMEngine(self._engine_settings())
+        self._check_engine(self.engine)
+        self.tokenizer = self.engine.tokenizer
+        self._namespace = self.engine.claim_namespace("adapter")
+        self._learner: LoRALearner | None = None
+        self._current: AdapterHandle | None = None
+        self.versions: list[AdapterVersion] = []
+        self._next_version = 1
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl-learn")
+        self._online_job: Future[Any] | None = None
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _engine_settings(self) -> EngineSettings:
+        c = self.config
+        return EngineSettings(model_path=self.model_path, serving_mode=c.serving_mode, dtype=c.dtype,
+                              max_model_len=c.max_model_len, max_lora_rank=c.lora_rank, seed=c.seed,
+                              kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager)
+
+    def _check_engine(self, engine: VLLMEngine) -> None:
+        s = engine.settings
+        problems = []
+        if s.model_path != self.model_path:
+            problems.append(f"it serves {s.model_path}, the config asks for {self.model_path}")
+        if s.serving_mode != self.config.serving_mode:
+            problems.append(f"it runs in {s.serving_mode} mode, the config asks for {self.config.serving_mode}")
+        if s.serving_mode == "lora" and s.max_lora_rank < self.config.lora_rank:
+            problems.append(f"its max LoRA rank is {s.max_lora_rank} < lora_rank={self.config.lora_rank}")
+        if s.max_model_len < self.config.max_model_len:
+            problems.append(f"its max_model_len is {s.max_model_len} < {self.config.max_model_len}")
+        if problems:
+            raise ConfigError("the given engine does not fit this config: " + "; ".join(problems))
+
+    def _get_learner(self) -> LoRALearner:
+        # Created on first use: serving-only users never pay for the float32 training copy.
+        if self._learner is None:
+            c = self.config
+            self._learner = LoRALearner(LearnerSettings(
+                model_path=self.model_path, lora_rank=c.lora_rank, lora_alpha=c.effective_lora_alpha,
+                lora_dropout=c.lora_dropout, target_modules=c.target_modules, learning_rate=c.learning_rate,
+                max_grad_norm=c.max_grad_norm, seed=c.seed, device=c.device))
+        return self._learner
+
+    # --- inference ------------------------------------------------------------------------------------------
+    @overload
+    def generate(self, prompts: str, **sampling: Any) -> Generation: ...
+    @overload
+    def generate(self, prompts: Sequence[str], **sampling: Any) -> list[Generation]: ...
+
+    def generate(self, prompts: str | Sequence[str], **sampling: Any) -> Generation | list[Generation]:
+        """Answer one prompt (str in, str out) or many (list in, list out) with the current adapter version.
+
+        Sampling parameters are vLLM's (`max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`, `stop`,
+        `seed`, ...); the default is greedy with up to 128 new tokens. Each result is a `str` that also carries
+        `adapter_version`, `adapter_name`, `finish_reason` and `token_ids`.
+        """
+        single = isinstance(prompts, str)
+        items = _as_text_list(prompts, "prompts")
+        ids = [encode_prompt(self.tokenizer, text) for text in items]
+        results = self.engine.generate(ids, sampling, self._current)
+        return results[0] if single else results
+
+    def score(self, prompt: str, response: str) -> ScoreResult:
+        """Sum and mean log-probability of `response` given `prompt` under the served version (vLLM prompt
+        logprobs), e.g. to check a reference answer without depending on greedy decoding."""
+        pair = encode_pair(self.tokenizer, check_text("prompt", prompt), check_text("response", response),
+                           add_eos=False)
+        logprobs = self.engine.prompt_logprobs([pair.input_ids], self._current)[0]
+        tokens = logprobs[len(pair.prompt_ids):]
+        total = float(sum(tokens))
+        return ScoreResult(total, total / max(1, len(tokens)), len(tokens), tokens,
+                           self._current.version if self._current else None)
+
+    @overload
+    def embed(self, texts: str) -> list[float]: ...
+    @overload
+    def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
+
+    def embed(self, texts: str | Sequence[str]) -> list[float] | list[list[float]]:
+        """One normalized embedding vector per text, from the frozen base model through a vLLM pooling engine."""
+        single = isinstance(texts, str)
+        vectors = self.engine.embed(_as_text_list(texts, "texts"))
+        return vectors[0] if single else vectors
+
+    # --- experiences ----------------------------------------------------------------------------------------
+    def add_experience(self, prompt: str, response: str, reward: float | None = None, task: str = "default",
+                       metadata: dict[str, Any] | None = None) -> int:
+        """Store one interaction durably (returns its id). In `online` mode this may start a learning round."""
+        check_text("prompt", prompt)
+        check_text("response", response)
+        priority = None
+        if self.config.priority_function == "uncertainty":
+            priority = -self.score(prompt, response).mean_logprob
+        exp_id = self.store.add(prompt, response, reward=reward, task=task, priority=priority, metadata=metadata)
+        if self.config.learning_mode == "online" and self.store.count(pending_only=True) >= \
+                self.config.update_frequency and (self._online_job is None or self._online_job.done()):
+            self._online_job = self.learn(wait=False)
+        return exp_id
+
+    # --- learning -------------------------------------------------------------------------------------------
+    @property
+    def current_version(self) -> AdapterVersion | None:
+        """The version being served (None before the first publish: the bare base model)."""
+        if self._current is None:
+            return None
+        return next(v for v in self.versions if v.version == self._current.version)
+
+    def learn(self, epochs: int = 1, max_steps: int | None = None, wait: bool = True) -> LearnReport | Future:
+        """Train on the experiences stored since the last round (plus replay) and publish a new version.
+
+        Raises `NothingToLearnError` when nothing new can be trained on. With `wait=False` returns a Future.
+        Experiences with reward ≤ 0 are kept for preference learning but not imitated; in `feedback` mode only
+        rated experiences and corrections are trained on.
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise InvalidInputError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+        pending = self.store.pending()
+        if self.config.learning_mode == "feedback":
+            pending = [e for e in pending if e.reward is not None or e.kind == "correction"]
+        chosen = [e for e in pending if e.reward is None or e.reward > 0]
+        if not chosen:
+            raise NothingToLearnError(
+                "nothing new to learn from: no stored experience since the last learning round"
+                + (" has a rating (feedback mode)" if self.config.learning_mode == "feedback" else "")
+                + "; add some with add_experience(...) first")
+        return self._submit(lambda: self._learn_round(chosen, epochs, max_steps or self.config.max_steps), wait)
+
+    def learn_from_correction(self, prompt: str, bad_response: str, good_response: str, task: str = "default",
+                              wait: bool = True) -> CorrectionReport | Future:
+        """Learn right away that `good_response`, not `bad_response`, answers `prompt`, and publish the result.
+
+        Trains until the learner's greedy decode reproduces the good response with `correction_margin` to spare
+        (or `correction_max_steps`), replaying stored experiences alongside to protect what the model knew. The
+        correction is stored as a preference pair (chosen=good, rejected=bad) and as a top-priority experience.
+        Blocks until the new version is served, unless `wait=False` (then returns a Future).
+        """
+        check_text("prompt", prompt)
+        check_text("bad_response", bad_response)
+        check_text("good_response", good_response)
+        if bad_response.strip() == good_response.strip():
+            raise InvalidInputError("bad_response and good_response are the same text: nothing to correct")
+        pair = encode_pair(self.tokenizer, prompt, good_response)
+        self.engine.check_prompt_ids(pair.input_ids, new_tokens=0)
+        exp_id = self.store.add(prompt, good_response, reward=1.0, task=task, kind="correction")
+        pref_id = self.store.add_preference(prompt, good_response, bad_response, task=task, experience_id=exp_id)
+        return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair)), wait)
+
+    def _submit(self, job: Callable[[], T], wait: bool) -> T | Future:
+        future = self._executor.submit(job)
+        return future.result() if wait else future
+
+    def _examples(self, experiences: Sequence[Experience]) -> list[tuple[Experience, Example]]:
+        out = []
+        for exp in experiences:
+            pair = encode_pair(self.tokenizer, exp.prompt, exp.response)
+            if len(pair.input_ids) > self.config.max_model_len:
+                log.warning("skipping experience %d: %d tokens exceed max_model_len=%d", exp.id,
+                            len(pair.input_ids), self.config.max_model_len)
+                continue
+            weight = 1.0 if exp.reward is None else float(exp.reward)
+            out.append((exp, Example(pair, weight)))
+        return out
+
+    def _replay(self, n: int, exclude: Sequence[int]) -> list[Example]:
+        if n <= 0 or "replay" not in self.config.anti_forgetting_methods:
+            return []
+        return [ex for _, ex in self._examples(self.store.sample(n, "uniform", exclude=exclude))]
+
+    def _learn_round(self, chosen: Sequence[Experience], epochs: int, max_steps: int) -> LearnReport:
+        start = time.perf_counter()
+        learner = self._get_learner()
+        items = self._examples(chosen)
+        if not items:
+            raise NothingToLearnError("every new experience is longer than max_model_len; nothing to learn")
+        examples = [ex for _, ex in items]
+        ids = [exp.id for exp, _ in items]
+        loss_before = _mean(self._losses(examples))
+        replay_share = self.config.replay_ratio if "replay" in self.config.anti_forgetting_methods else 0.0
+        new_per_step = max(1, round(self.config.batch_size * (1 - replay_share)))
+        steps = min(max_steps, math.ceil(len(examples) * epochs / new_per_step))
+        order = [ex for _ in range(epochs) for ex in learner.shuffled(examples)]
+        skipped = replayed = 0
+        for step in range(steps):
+            batch = order[step * new_per_step:(step + 1) * new_per_step] or learner.shuffled(examples)[:new_per_step]
+            replay = self._replay(self.config.batch_size - len(batch), exclude=ids)
+            replayed += len(replay)
+            skipped += learner.step(batch + replay).skipped
+        losses_after = self._losses(examples)
+        version, message = self._publish_if_healthy(steps, skipped, reason=f"learn: {len(examples)} experiences")
+        if version is not None:
+            self.store.mark_learned(ids, losses_after)
+        return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(examples), num_replayed=replayed,
+                           loss_before=loss_before, loss_after=_mean(losses_after), version=version,
+                           seconds=time.perf_counter() - start, message=message)
+
+    def _correction_round(self, exp_id: int, pref_id: int, example: Example) -> CorrectionReport:
+        start = time.perf_counter()
+        learner = self._get_learner()
+        c = self.config
+        loss_before = self._losses([example])[0]
+        steps = skipped = 0
+        margin = min(learner.token_margins(example))
+        while margin < c.correction_margin and steps < c.correction_max_steps:
+            replay = self._replay(c.batch_size - 1, exclude=[exp_id])
+            # The correction carries as much weight as all replayed examples together.
+            weighted = Example(example.pair, weight=float(max(1, len(replay))))
+            skipped += learner.step([weighted, *replay], learning_rate=c.correction_learning_rate).skipped
+            steps += 1
+            margin = min(learner.token_margins(example))
+        loss_after = self._losses([example])[0]
+        version, message = self._publish_if_healthy(steps, skipped, reason=f"correction (preference {pref_id})")
+        if version is not None:
+            self.store.mark_learned([exp_id], [loss_after])
+        learned = margin >= c.correction_margin and version is not None
+        if not learned and not message:
+            message = (f"the good response is not yet the greedy answer after {steps} steps (margin {margin:.2f}); "
+                       "raise correction_max_steps or correction_learning_rate")
+        return CorrectionReport(steps=steps, skipped_steps=skipped, loss_before=loss_before, loss_after=loss_after,
+                                min_margin=margin, learned=learned, version=version,
+                                seconds=time.perf_counter() - start, preference_id=pref_id, message=message)
+
+    def _losses(self, examples: Sequence[Example], chunk: int = 16) -> list[float]:
+        learner = self._get_learner()
+        out: list[float] = []
+        for i in range(0, len(examples), chunk):
+            out.extend(learner.example_losses(examples[i:i + chunk]).tolist())
+        return out
+
+    def _publish_if_healthy(self, steps: int, skipped: int, reason: str) -> tuple[AdapterVersion | None, str]:
+        """Publish the learner's adapter unless training produced nothing usable; then restore the last good one."""
+        learner = self._get_learner()
+        healthy = all(bool(t.isfinite().all()) for t in learner.lora_state().values())
+        if steps == 0:
+            return None, "already learned: the served version answers as asked, nothing published"
+        if skipped == steps or not healthy:
+            self._restore_last_good()
+            message = (f"all {steps} steps had a non-finite loss or gradient" if healthy else
+                       "training produced non-finite adapter weights")
+            log.warning("%s: update skipped, version %s keeps serving", message,
+                        self._current.version if self._current else "base")
+            return None, message + "; update skipped, the previous version keeps serving"
+        return self._publish(reason), ""
+
+    def _restore_last_good(self) -> None:
+        learner = self._get_learner()
+        if self._current is not None:
+            learner.load_adapter(Path(self._current.path))
+            return
+        for name, param in learner.model.named_parameters():
+            if param.requires_grad and "lora_B" in name:
+                param.data.zero_()
+            elif param.requires_grad and not param.isfinite().all():
+                param.data.normal_(0, 0.01)
+
+    def _publish(self, reason: str) -> AdapterVersion:
+        number = self._next_version
+        path = self._get_learner().save_adapter(self.work_dir / "adapters" / f"v{number}")
+        return self._serve(number, path, reason, parent=self._current.version if self._current else None)
+
+    def _serve(self, number: int, path: Path, reason: str, parent: int | None,
+               created_at: float | None = None) -> AdapterVersion:
+        handle = self.engine.new_handle(self._namespace, number, str(path))
+        self.engine.publish(handle)  # raises PublishError; the previous version keeps serving
+        previous, self._current = self._current, handle
+        if previous is not None:
+            self.engine.retire(previous)
+        version = AdapterVersion(version=number, name=handle.name, path=str(path),
+                                 created_at=created_at or time.time(), parent=parent, reason=reason)
+        self.versions.append(version)
+        self._next_version = number + 1
+        (self.work_dir / "adapters" / "versions.json").write_text(
+            json.dumps([v.to_dict() for v in self.versions], indent=2))
+        log.info("published %s (%s)", handle.name, reason)
+        return version
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write config, all adapter versions (PEFT), the experience store and the learner state to `path`.
+
+        Everything goes to a temporary sibling directory first, which then replaces `path` in one rename, so a
+        crash never leaves a half-written checkpoint and an existing one stays intact until the new one is whole.
+        """
+        self._executor.submit(lambda: None).result()  # wait for running learning rounds
+        path = Path(path).expanduser().absolute()
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "manifest.json").exists())):
+            raise CheckpointError(f"{path} exists and is not a cl_core checkpoint; refusing to overwrite it. "
+                                  "Give a new or empty directory.")
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write a checkpoint to {path}: {exc.strerror or exc}. "
+                                  "Choose a writable directory.") from exc
+        try:
+            config = self.config.to_dict() | {"work_dir": None, "store_path": None}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            shutil.copytree(self.work_dir / "adapters", tmp / "adapters",
+                            ignore=shutil.ignore_patterns(".*"))
+            self.store.backup_to(tmp / "experiences.sqlite")
+            if self._learner is not None:
+                (tmp / "learner").mkdir()
+                self._learner.save_state(tmp / "learner")
+            manifest = {"format": CHECKPOINT_FORMAT, "base_model": self.config.model,
+                        "base_fingerprint": model_fingerprint(self.model_path),
+                        "current_version": self._current.version if self._current else None,
+                        "next_version": self._next_version, "versions": [v.to_dict() for v in self.versions],
+                        "saved_at": time.time()}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            old = None
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"writing the checkpoint to {path} failed: {exc}; nothing was replaced") from exc
+        log.info("checkpoint saved to %s", path)
+        return path
+
+    @classmethod
+    def load_checkpoint(cls, path: str | Path, *, engine: VLLMEngine | None = None,
+                        **overrides: Any) -> ContinualLLM:
+        """Restore a model that serves the same adapter version (same greedy answers) as when it was saved.
+
+        `overrides` change config fields (e.g. `work_dir`); a different base model is refused, because the
+        adapters were trained on the saved one.
+        """
+        path = Path(path).expanduser()
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            config = ContinualConfig.from_dict(json.loads((path / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not a readable cl_core checkpoint ({exc})") from exc
+        if manifest.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint format {manifest.get('format')} is not supported "
+                                  f"(this version reads {CHECKPOINT_FORMAT})")
+        config = config.replace(**overrides) if overrides else config
+        model_path = resolve_model(config.model)
+        if model_fingerprint(model_path) != manifest["base_fingerprint"]:
+            raise CheckpointError(f"checkpoint {path} was made with base model {manifest['base_model']!r}, but "
+                                  f"this config loads {config.model!r}, whose weights differ: its adapters only fit "
+                                  "their own base model. Load it with the same base model.")
+        store_target = Path(config.store_path) if config.store_path else None
+        if store_target is not None and store_target.exists():
+            raise CheckpointError(f"store_path {store_target} already exists; loading would overwrite its data. "
+                                  "Give a new path.")
+        work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="cl_core-"))
+        store_file = store_target or work_dir / "experiences.sqlite"
+        store_file.parent.mkdir(parents=True, exist_ok=True)
+        if store_file.exists():
+            raise CheckpointError(f"{store_file} already exists; give an empty work_dir to load into")
+        shutil.copyfile(path / "experiences.sqlite", store_file)
+        model = cls(config.replace(work_dir=str(work_dir)), engine=engine)
+        try:
+            model._restore(path, manifest)
+        except Exception:
+            model.close()
+            raise
+        return model
+
+    def _restore(self, path: Path, manifest: dict[str, Any]) -> None:
+        saved = [AdapterVersion(**v) for v in manifest["versions"]]
+        for version in saved:
+            shutil.copytree(path / "adapters" / f"v{version.version}", self.work_dir / "adapters" /
+                            f"v{version.version}")
+        current = manifest["current_version"]
+        learner = self._get_learner()
+        if (path / "learner").is_dir():
+            learner.load_state(path / "learner")
+        self.versions = [AdapterVersion(**(v.to_dict() | {"path": str(self.work_dir / "adapters" /
+                                                                      f"v{v.version}")})) for v in saved
+                         if v.version != current]
+        if current is not None:
+            target = next(v for v in saved if v.version == current)
+            learner.load_adapter(self.work_dir / "adapters" / f"v{current}")
+            self._serve(current, self.work_dir / "adapters" / f"v{current}", target.reason, target.parent,
+                        created_at=target.created_at)
+            self.versions.sort(key=lambda v: v.version)
+        self._next_version = int(manifest["next_version"])
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish learning jobs, close the store, and stop the engine if this object started it."""
+        self._executor.shutdown(wait=True)
+        self.store.close()
+        if self._owns_engine:
+            self.engine.shutdown()
+
+    def __enter__(self) -> ContinualLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_text_list(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [check_text(name[:-1], value)]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidInputError(f"{name} must be a str or a non-empty list of str, got {type(value).__name__}")
+    return [check_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+__all__ = ["ContinualLLM"]

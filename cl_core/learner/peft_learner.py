@@ -1,0 +1,239 @@
+"""The learner: a PyTorch + PEFT copy of the served architecture, on the same base weights, that trains LoRA.
+
+vLLM has no backward pass, so training happens here and the result is exported in PEFT format, which vLLM loads
+as-is (lora mode) or folds into its weights (merged mode). The parity tests check that the two compute the same
+log-probabilities for the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cl_core.prompting import EncodedPair
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: an encoded (prompt, response) and its weight in the loss."""
+
+    pair: EncodedPair
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    skipped: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    model_path: str
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+
+class LoRALearner:
+    """Trains one LoRA adapter on a frozen base model; saves versions in PEFT format."""
+
+    def __init__(self, settings: LearnerSettings) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        self.settings = settings
+        self.device = _pick_device(settings.device)
+        torch.manual_seed(settings.seed)
+        self._rng = random.Random(settings.seed)
+        base = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=torch.float32)
+        base.to(self.device)
+        lora = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                          target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lora)
+        self.model.eval()
+        self.optimizer = torch.optim.AdamW(self._trainable(), lr=settings.learning_rate, weight_decay=0.0)
+        self.steps_done = 0
+
+    # --- training -------------------------------------------------------------------------------------------
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Weighted mean over examples of each example's mean token NLL on its response."""
+        per_example = self.example_losses(examples, grad=True)
+        weights = torch.tensor([e.weight for e in examples], dtype=per_example.dtype, device=per_example.device)
+        return (per_example * weights).sum() / weights.sum().clamp_min(1e-8)
+
+    def example_losses(self, examples: Sequence[Example], grad: bool = False) -> torch.Tensor:
+        """Mean response-token NLL per example (teacher forcing)."""
+        input_ids, labels, attention = self._batch(examples)
+        with torch.set_grad_enabled(grad):
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                    reduction="none")
+            mask = (targets != -100).float()
+            return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def step(self, examples: Sequence[Example], learning_rate: float | None = None) -> StepResult:
+        """One optimizer step. A non-finite loss or gradient skips the update and leaves the weights untouched."""
+        self.model.train()
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss(examples)
+            if not torch.isfinite(loss):
+                return StepResult(float(loss.detach()), True, "non-finite loss")
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.settings.max_grad_norm)
+            if not torch.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepResult(float(loss.detach()), True, "non-finite gradient")
+            lr = self.settings.learning_rate if learning_rate is None else learning_rate
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.steps_done += 1
+            return StepResult(float(loss.detach()), False)
+        finally:
+            self.model.eval()
+
+    def token_margins(self, example: Example) -> list[float]:
+        """Per response token: log-prob of the target minus the best other token, under teacher forcing.
+
+        All margins > 0 means greedy decoding reproduces the response exactly.
+        """
+        input_ids, labels, attention = self._batch([example])
+        with torch.no_grad():
+            logp = self.model(input_ids=input_ids, attention_mask=attention).logits[0, :-1].float().log_softmax(-1)
+        targets = labels[0, 1:]
+        margins = []
+        for pos in torch.nonzero(targets != -100).flatten().tolist():
+            row = logp[pos].clone()
+            target = int(targets[pos])
+            best = float(row[target])
+            row[target] = -math.inf
+            margins.append(best - float(row.max()))
+        return margins
+
+    def token_logprobs(self, input_ids: Sequence[int]) -> list[float]:
+        """Log-probability of each token given the previous ones (NaN at position 0), like vLLM's prompt logprobs."""
+        ids = torch.tensor([list(input_ids)], device=self.device)
+        with torch.no_grad():
+            logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        picked = logp.gather(1, ids[0, 1:, None])[:, 0]
+        return [math.nan, *picked.tolist()]
+
+    def _batch(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pad = 0
+        length = max(len(e.pair.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        attention = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = example.pair.input_ids
+            n_prompt = len(example.pair.prompt_ids)
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, n_prompt: len(ids)] = torch.tensor(example.pair.response_ids)
+            attention[row, : len(ids)] = 1
+        return input_ids.to(self.device), labels.to(self.device), attention.to(self.device)
+
+    def shuffled(self, items: Sequence[Any]) -> list[Any]:
+        items = list(items)
+        self._rng.shuffle(items)
+        return items
+
+    # --- adapters and state ---------------------------------------------------------------------------------
+    def save_adapter(self, path: Path) -> Path:
+        """Write the current LoRA in PEFT format to `path` atomically (temp dir renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = self.settings.model_path
+        config_path.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def load_adapter(self, path: Path) -> None:
+        """Set the LoRA weights to a saved version (same rank and targets)."""
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(Path(path) / "adapter_model.safetensors"), device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter at {path} does not fit this learner: unexpected {result.unexpected_keys[:3]}")
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Optimizer state as tensors (safetensors) plus JSON metadata: no pickle."""
+        names = {id(p): name for name, p in self.model.named_parameters() if p.requires_grad}
+        tensors: dict[str, torch.Tensor] = {}
+        steps: dict[str, float] = {}
+        for param, state in self.optimizer.state.items():
+            name = names[id(param)]
+            for key, value in state.items():
+                if key == "step":
+                    steps[name] = float(value)
+                else:
+                    tensors[f"{name}::{key}"] = value.detach().cpu().contiguous()
+        meta = {"steps_done": self.steps_done, "param_steps": steps,
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+                "rng": list(self._rng.getstate()[1]), "rng_version": self._rng.getstate()[0]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer.state.clear()
+        for name, step in meta["param_steps"].items():
+            state: dict[str, Any] = {"step": torch.tensor(step)}
+            for key in tensors:
+                if key.startswith(f"{name}::"):
+                    state[key.split("::", 1)[1]] = tensors[key].to(self.device)
+            self.optimizer.state[params[name]] = state
+        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"], strict=True):
+            group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
+        self.steps_done = int(meta["steps_done"])
+        self._rng.setstate((meta["rng_version"], tuple(meta["rng"]), None))
+
+    def save_state(self, directory: Path) -> None:
+        tensors, meta = self.state_dict()
+        save_file(tensors, str(Path(directory) / "optimizer.safetensors"))
+        (Path(directory) / "learner.json").write_text(json.dumps(meta))
+
+    def load_state(self, directory: Path) -> None:
+        tensors = load_file(str(Path(directory) / "optimizer.safetensors"))
+        meta = json.loads((Path(directory) / "learner.json").read_text())
+        self.load_state_dict(tensors, meta)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("ContinualConfig.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)

@@ -1,0 +1,73 @@
+"""What learning returns: small frozen records a person (or a Prefect artifact) can read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One published adapter version: where it is, what it came from and why it exists."""
+
+    version: int
+    name: str
+    path: str
+    created_at: float
+    parent: int | None
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LearnReport:
+    """Outcome of `learn()`: steps, losses on the new data before/after, and the published version (or None)."""
+
+    steps: int
+    skipped_steps: int
+    num_new: int
+    num_replayed: int
+    loss_before: float
+    loss_after: float
+    version: AdapterVersion | None
+    seconds: float
+    message: str = ""
+
+    @property
+    def published(self) -> bool:
+        return self.version is not None
+
+
+@dataclass(frozen=True)
+class CorrectionReport:
+    """Outcome of `learn_from_correction`: whether the good response became the greedy answer, and at what cost."""
+
+    steps: int
+    skipped_steps: int
+    loss_before: float
+    loss_after: float
+    min_margin: float
+    learned: bool
+    version: AdapterVersion | None
+    seconds: float
+    preference_id: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Log-likelihood of a response given a prompt under the served version, computed by vLLM."""
+
+    total_logprob: float
+    mean_logprob: float
+    num_tokens: int
+    token_logprobs: list[float]
+    adapter_version: int | None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean_logprob)
