@@ -192,7 +192,7 @@ class VLLMEngine:
         params.setdefault("temperature", 0.0)
         try:
             sampling_params = SamplingParams(**params)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # vLLM's VLLMValidationError is not a ValueError; construction is pure validation
             raise InvalidInputError(f"invalid sampling parameters {params}: {exc}") from exc
         for ids in prompt_ids:
             self.check_prompt_ids(ids, int(sampling_params.max_tokens or 1))

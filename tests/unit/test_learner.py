@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cl_core.learner import Example, LearnerSettings, LoRALearner
+from cl_core.prompting import encode_pair
+
+
+@pytest.fixture
+def learner(tiny_model_dir):
+    return LoRALearner(LearnerSettings(model_path=str(tiny_model_dir), lora_rank=8, lora_alpha=16,
+                                       learning_rate=5e-3, device="cpu"))
+
+
+@pytest.fixture
+def example(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return Example(encode_pair(tokenizer, "What is the capital of France?", "Paris is the capital."))
+
+
+def test_encode_pair_masks_only_the_prompt(example, learner):
+    _, labels, _ = learner._batch([example])
+    n_prompt = len(example.pair.prompt_ids)
+    assert (labels[0, :n_prompt] == -100).all()
+    assert labels[0, n_prompt:].tolist() == example.pair.response_ids
+
+
+def test_training_lowers_the_loss_and_reaches_greedy(learner, example):
+    before = float(learner.example_losses([example])[0])
+    for _ in range(40):
+        assert not learner.step([example]).skipped
+    after = float(learner.example_losses([example])[0])
+    assert after < before / 4
+    assert min(learner.token_margins(example)) > 0
+
+
+def test_non_finite_loss_skips_the_update(learner, example, monkeypatch):
+    learner.step([example])
+    weights = learner.lora_state()
+    monkeypatch.setattr(learner, "loss", lambda examples: torch.tensor(math.nan, requires_grad=True))
+    result = learner.step([example])
+    assert result.skipped and "non-finite" in result.reason
+    for name, value in learner.lora_state().items():
+        assert torch.equal(value, weights[name])
+
+
+def test_adapter_and_state_round_trip(learner, example, tmp_path, tiny_model_dir):
+    for _ in range(3):
+        learner.step([example])
+    learner.save_adapter(tmp_path / "v1")
+    learner.save_state(tmp_path)
+    assert (tmp_path / "v1" / "adapter_model.safetensors").exists()
+    other = LoRALearner(LearnerSettings(model_path=str(tiny_model_dir), lora_rank=8, lora_alpha=16,
+                                        learning_rate=5e-3, device="cpu"))
+    other.load_adapter(tmp_path / "v1")
+    other.load_state(tmp_path)
+    assert other.steps_done == 3
+    for name, value in learner.lora_state().items():
+        assert torch.equal(value, other.lora_state()[name])
+    # Same optimizer state => the next step is identical.
+    learner.step([example])
+    other.step([example])
+    for name, value in learner.lora_state().items():
+        assert torch.allclose(value, other.lora_state()[name], atol=1e-7)
