@@ -149,7 +149,10 @@ class ContinualLLM:
         exp_id = self.store.add(prompt, response, reward=reward, task=task, priority=priority, metadata=metadata)
         if self.config.learning_mode == "online" and self.store.count(pending_only=True) >= \
                 self.config.update_frequency and (self._online_job is None or self._online_job.done()):
-            self._online_job = self.learn(wait=False)
+            try:
+                self._online_job = self.learn(wait=False)
+            except NothingToLearnError as exc:  # e.g. only reward ≤ 0 experiences so far: keep collecting
+                log.info("online learning round not started: %s", exc)
         return exp_id
 
     # --- learning -------------------------------------------------------------------------------------------

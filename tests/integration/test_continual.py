@@ -140,10 +140,16 @@ def test_checkpoint_errors(make_model, tmp_path, other_tiny_model_dir, lora_engi
 
 def test_online_mode_learns_every_update_frequency(make_model):
     model = make_model(learning_mode="online", update_frequency=3)
+    for i in range(3):  # disliked answers are stored but never imitated: no round, no error
+        model.add_experience(f"bad {i}", "nonsense", reward=-1.0)
+    assert model.current_version is None
     for i in range(3):
         model.add_experience(f"question {i}", f"answer {i}")
-    model._online_job.result(timeout=120)
-    assert model.current_version is not None and model.store.count(pending_only=True) == 0
+    report = model._online_job.result(timeout=120)
+    assert report.published and model.current_version is not None
+    still_pending = {e.prompt for e in model.store.pending()}
+    assert {f"bad {i}" for i in range(3)} <= still_pending  # never imitated
+    assert "question 0" not in still_pending
 
 
 def test_feedback_mode_trains_only_on_rated_experiences(make_model):
