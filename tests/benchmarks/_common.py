@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -21,7 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output (logs, CI) would otherwise be squeezed to 80 columns and wrap every table cell.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def machine_info() -> dict[str, Any]:
@@ -55,9 +57,14 @@ def machine_info() -> dict[str, Any]:
         "transformers": version("transformers"),
         "peft": version("peft"),
         "cuda_available": torch.cuda.is_available(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_average(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load average: on a shared machine, high load at measurement time explains slow numbers."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
