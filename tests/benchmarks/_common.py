@@ -7,6 +7,7 @@ machine. Nothing here imports torch or vLLM at module level, so `--help` stays i
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,23 @@ from rich.table import Table
 
 # Piped output (logs, CI) would otherwise be squeezed to 80 columns and wrap every table cell.
 console = Console(width=None if sys.stdout.isatty() else 140)
+ENV_KEYS = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE",
+            "LD_PRELOAD")
+
+
+def add_vllm_cpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--vllm-reserved-cpus`: vLLM-CPU keeps one core for its scheduler by default, which on a 2-core machine
+    halves the cores that compute; the option lets a run measure the other split without touching cl_core."""
+    parser.add_argument("--vllm-reserved-cpus", type=int, default=None, metavar="N",
+                        help="set VLLM_CPU_NUM_OF_RESERVED_CPU=N for the engines (default: vLLM's own choice)")
+
+
+def apply_vllm_cpu_arguments(args: argparse.Namespace) -> None:
+    """Export the chosen vLLM-CPU settings before any engine starts (its processes read them from the env)."""
+    if args.vllm_reserved_cpus is not None:
+        if args.vllm_reserved_cpus < 0:
+            raise SystemExit("--vllm-reserved-cpus must be ≥ 0")
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
 
 
 def machine_info() -> dict[str, Any]:
@@ -58,6 +76,7 @@ def machine_info() -> dict[str, Any]:
         "peft": version("peft"),
         "cuda_available": torch.cuda.is_available(),
         "load_average_at_start": load_average(),
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, load_average, machine_info, print_table, summarize_ms, verdict, write_json
+from _common import (
+    add_vllm_cpu_arguments,
+    apply_vllm_cpu_arguments,
+    console,
+    load_average,
+    machine_info,
+    print_table,
+    summarize_ms,
+    verdict,
+    write_json,
+)
 
 MAX_MODEL_LEN = 1024
 TARGETS_P50_MS = {"lora": 50.0, "merged": 500.0}
@@ -217,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--versions", type=int, default=None, help="published versions per mode (default 20)")
     parser.add_argument("--restarts", type=int, default=None, help="naive restart measurements (default 3)")
     parser.add_argument("--modes", nargs="+", choices=("lora", "merged"), default=["lora", "merged"])
+    add_vllm_cpu_arguments(parser)
     args = parser.parse_args(argv)
+    apply_vllm_cpu_arguments(args)
     versions = args.versions or (5 if args.quick else 20)
     restarts = args.restarts if args.restarts is not None else (1 if args.quick else 3)
     if versions < 1 or restarts < 0:
