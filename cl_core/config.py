@@ -105,7 +105,8 @@ class ContinualConfig:
 
     # --- storage ----------------------------------------------------------------------------------------------
     work_dir: str | None = None
-    """Where adapter versions and the experience database live. None: a fresh temporary directory."""
+    """Where adapter versions and the experience database live. None: a throwaway session in a temporary
+    directory that `close()` removes (with a warning if it held experiences); set a path to keep them."""
     store_path: str | None = None
     """SQLite file of the experience store. None: `<work_dir>/experiences.sqlite`."""
 

@@ -48,6 +48,8 @@ class ContinualLLM:
             raise ConfigError(f"config must be a ContinualConfig, got {type(config).__name__}")
         self.config = config.replace(**overrides) if overrides else config
         self.model_path = resolve_model(self.config.model)
+        # No work_dir means a throwaway session: a temporary directory, removed by close().
+        self._temporary_work_dir = self.config.work_dir is None
         self.work_dir = Path(self.config.work_dir or tempfile.mkdtemp(prefix="cl_core-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "adapters").mkdir(exist_ok=True)
@@ -413,6 +415,7 @@ class ContinualLLM:
             raise CheckpointError(f"{store_file} already exists; give an empty work_dir to load into")
         shutil.copyfile(path / "experiences.sqlite", store_file)
         model = cls(config.replace(work_dir=str(work_dir)), engine=engine)
+        model._temporary_work_dir = config.work_dir is None
         try:
             model._restore(path, manifest)
         except Exception:
@@ -444,9 +447,15 @@ class ContinualLLM:
     def close(self) -> None:
         """Finish learning jobs, close the store, and stop the engine if this object started it."""
         self._executor.shutdown(wait=True)
+        stored = self.store.count()
         self.store.close()
         if self._owns_engine:
             self.engine.shutdown()
+        if self._temporary_work_dir and self.work_dir.exists():
+            if stored and self.config.store_path is None:
+                log.warning("removing the temporary work_dir %s with %d stored experiences; set "
+                            "ContinualConfig.work_dir (or save_checkpoint) to keep them", self.work_dir, stored)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> ContinualLLM:
         return self

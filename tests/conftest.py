@@ -10,9 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_model
-
-TINY_MAX_LEN = 256
+from tiny_model import TINY_MAX_LEN, build_tiny_model, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +43,6 @@ def merged_engine(tiny_model_dir: Path) -> Iterator[object]:
     engine = _engine(tiny_model_dir, "merged")
     yield engine
     engine.shutdown()
-
-
-def tiny_config(model_dir: Path, tmp_path: Path, **changes: object):
-    from cl_core import ContinualConfig
-
-    base = dict(model=str(model_dir), lora_rank=8, dtype="float32", max_model_len=TINY_MAX_LEN, batch_size=4,
-                learning_rate=1e-3, max_steps=20, work_dir=str(tmp_path / "work"), kv_cache_gib=0.1)
-    return ContinualConfig(**(base | changes))
 
 
 @pytest.fixture

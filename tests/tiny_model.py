@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+TINY_MAX_LEN = 256
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
     " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -54,3 +55,13 @@ def build_tiny_model(path: Path, dtype: str = "float32", vocab_size: int = 512, 
     model.save_pretrained(path, safe_serialization=True)
     model.generation_config.save_pretrained(path)
     return path
+
+
+def tiny_config(model_dir: Path, tmp_path: Path | None, **changes: object):
+    """A ContinualConfig for the tiny model; `tmp_path=None` leaves work_dir unset (a throwaway session)."""
+    from cl_core import ContinualConfig
+
+    base = dict(model=str(model_dir), lora_rank=8, dtype="float32", max_model_len=TINY_MAX_LEN, batch_size=4,
+                learning_rate=1e-3, max_steps=20, work_dir=str(tmp_path / "work") if tmp_path else None,
+                kv_cache_gib=0.1)
+    return ContinualConfig(**(base | changes))

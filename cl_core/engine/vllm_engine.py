@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class VLLMEngine:
     """A vLLM `LLM` plus the adapter bookkeeping that live publishing needs."""
 
     def __init__(self, settings: EngineSettings) -> None:
+        _use_all_cores_on_small_cpu_machines()
         from vllm import LLM
 
         self.settings = settings
@@ -100,6 +102,7 @@ class VLLMEngine:
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._names: set[str] = set()
+        self._namespaces: set[str] = set()
         self._merged: AdapterHandle | None = None
         self._embedder: Any = None
 
@@ -120,12 +123,12 @@ class VLLMEngine:
     def claim_namespace(self, wanted: str) -> str:
         """An adapter namespace no other learner on this engine uses (`adapter`, `adapter-2`, ...)."""
         with self._lock:
-            taken = {name.split("@", 1)[0] for name in self._names} | getattr(self, "_namespaces", set())
+            taken = {name.split("@", 1)[0] for name in self._names} | self._namespaces
             candidate, n = wanted, 1
             while candidate in taken:
                 n += 1
                 candidate = f"{wanted}-{n}"
-            self._namespaces = taken | {candidate}
+            self._namespaces.add(candidate)
             return candidate
 
     def publish(self, handle: AdapterHandle) -> None:
@@ -253,6 +256,17 @@ class VLLMEngine:
                 if core is not None and hasattr(core, "shutdown"):
                     core.shutdown()
             self._embedder = None
+
+
+def _use_all_cores_on_small_cpu_machines() -> None:
+    """vLLM-CPU reserves one core for its scheduler; on a 2-core machine that halves compute (measured: merged
+    serving 305 -> 447 tok/s with none reserved). Applies only without CUDA, ≤ 4 cores, and no user setting."""
+    import torch
+
+    if torch.cuda.is_available() or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
+        return
+    if len(os.sched_getaffinity(0)) <= 4:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
 def _vllm_lora_rank(rank: int) -> int:

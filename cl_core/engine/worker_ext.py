@@ -38,19 +38,19 @@ class MergedAdapterExtension:
         state = self.__dict__.setdefault("_cl_merge", {"base": {}, "merged": set(), "files": None})
         model = self.model_runner.get_model()
         modules = dict(model.named_modules())
-        deltas = _lora_deltas(adapter_dir) if adapter_dir else {}
+        lora, scale = _lora_factors(adapter_dir) if adapter_dir else ({}, 1.0)
         packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", {}) or {})
         fused_of = {sub: (fused, i) for fused, subs in packed.items() for i, sub in enumerate(subs)}
 
-        targets: dict[str, dict[str, torch.Tensor]] = {}
-        for hf_name, delta in deltas.items():
+        targets: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for hf_name, factors in lora.items():
             prefix, leaf = hf_name.rsplit(".", 1)
             fused, _ = fused_of.get(leaf, (leaf, 0))
             vllm_name = f"{prefix}.{fused}"
             if vllm_name not in modules:
                 raise RuntimeError(f"adapter module {hf_name} has no counterpart {vllm_name} in the served model; "
                                    "merged mode cannot serve this adapter, use serving_mode='lora'")
-            targets.setdefault(vllm_name, {})[leaf] = delta
+            targets.setdefault(vllm_name, {})[leaf] = factors
 
         for vllm_name in set(targets) | state["merged"]:
             layer = modules[vllm_name]
@@ -60,16 +60,18 @@ class MergedAdapterExtension:
             if base is None:
                 base = self._cl_read_base(state, base_model_dir, vllm_name, subs)
                 state["base"][vllm_name] = base
-            weight = base
-            parts = targets.get(vllm_name)
-            if parts:
-                rows = [parts.get(sub) for sub in subs]
-                split = _split_rows(base, subs, rows)
-                full = torch.cat([r if r is not None else torch.zeros_like(s, dtype=torch.float32)
-                                  for r, s in zip(rows, split, strict=True)], dim=0)
-                weight = (base.float() + full).to(base.dtype)
+            parts = targets.get(vllm_name, {})
+            weight = base.clone()
+            start = 0
+            for sub, rows in zip(subs, _row_sizes(base, subs, parts), strict=True):
+                if sub in parts:
+                    b, a = parts[sub]
+                    # One fused kernel: base + scale * B @ A, accumulated in fp32, rounded once to the served dtype.
+                    torch.addmm(base[start:start + rows], b.to(base.dtype), a.to(base.dtype), alpha=scale,
+                                out=weight[start:start + rows])
+                start += rows
             if current_platform.is_cpu():
-                layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+                layer.weight = torch.nn.Parameter(weight, requires_grad=False)
                 dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
             else:
                 layer.weight.data.copy_(weight.to(layer.weight.device))
@@ -93,16 +95,16 @@ class MergedAdapterExtension:
         return torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
 
 
-def _split_rows(base: torch.Tensor, subs: list[str], rows: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Row blocks of a fused weight, sized from the deltas where known and the remainder shared equally."""
-    known = sum(r.shape[0] for r in rows if r is not None)
-    unknown = [i for i, r in enumerate(rows) if r is None]
-    rest = (base.shape[0] - known) // len(unknown) if unknown else 0
-    sizes = [r.shape[0] if r is not None else rest for r in rows]
+def _row_sizes(base: torch.Tensor, subs: list[str], parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+    """Rows of each sub-projection in a fused weight: from the LoRA B where known, the rest shared equally."""
+    known = {sub: parts[sub][0].shape[0] for sub in subs if sub in parts}
+    unknown = [sub for sub in subs if sub not in known]
+    rest = (base.shape[0] - sum(known.values())) // len(unknown) if unknown else 0
+    sizes = [known.get(sub, rest) for sub in subs]
     if sum(sizes) != base.shape[0]:
         raise RuntimeError(f"cannot split fused weight of {base.shape[0]} rows into {subs}: give every "
                            "sub-projection of a fused layer a LoRA (target all of q/k/v and gate/up)")
-    return list(torch.split(base, sizes, dim=0))
+    return sizes
 
 
 def _tensor_index(model_dir: Path) -> dict[str, str]:
@@ -114,18 +116,17 @@ def _tensor_index(model_dir: Path) -> dict[str, str]:
     return index
 
 
-def _lora_deltas(adapter_dir: str) -> dict[str, torch.Tensor]:
-    """`scale * B @ A` per adapted module, keyed by the module's Hugging Face name."""
+def _lora_factors(adapter_dir: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """(B, A) per adapted module, keyed by the module's Hugging Face name, and the LoRA scale."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     rank = config["r"]
     scale = config["lora_alpha"] / (rank ** 0.5 if config.get("use_rslora") else rank)
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    deltas = {}
+    factors = {}
     for key, a in weights.items():
         if ".lora_A." not in key:
             continue
-        b = weights[key.replace(".lora_A.", ".lora_B.")]
         name = key.split(".lora_A.")[0]
         name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-        deltas[name] = scale * (b.float() @ a.float())
-    return deltas
+        factors[name] = (weights[key.replace(".lora_A.", ".lora_B.")], a)
+    return factors, float(scale)

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+from tiny_model import tiny_config
 
 from cl_core import CheckpointError, ContinualLLM, InvalidInputError, NothingToLearnError
 
@@ -172,3 +173,17 @@ def test_serving_continues_while_learning(make_model):
     report = future.result()
     assert report.published and len(served_during) >= 1
     assert served_during[0].adapter_version is None
+
+
+def test_temporary_work_dir_is_removed_on_close_but_a_given_one_is_kept(tiny_model_dir, tmp_path, lora_engine):
+    throwaway = ContinualLLM(tiny_config(tiny_model_dir, None), engine=lora_engine)
+    throwaway.add_experience("q", "a")
+    throwaway.learn()
+    work = throwaway.work_dir
+    assert (work / "adapters" / "v1").exists()
+    throwaway.close()
+    assert not work.exists()
+    kept = ContinualLLM(tiny_config(tiny_model_dir, None, work_dir=str(tmp_path / "keep")), engine=lora_engine)
+    kept.add_experience("q", "a")
+    kept.close()
+    assert (tmp_path / "keep" / "experiences.sqlite").exists()
