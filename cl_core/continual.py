@@ -72,7 +72,8 @@ class ContinualLLM:
         c = self.config
         return EngineSettings(model_path=self.model_path, serving_mode=c.serving_mode, dtype=c.dtype,
                               max_model_len=c.max_model_len, max_lora_rank=c.lora_rank, seed=c.seed,
-                              kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager)
+                              kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager,
+                              max_loras=c.num_adapters)
 
     def _check_engine(self, engine: VLLMEngine) -> None:
         s = engine.settings
