@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.command == "model":
-        from cl_core.models import default_model_dir, prepare_default_model
+        from cl_core.models import default_model_dir, is_prepared, prepare_default_model
 
-        was_ready = (default_model_dir() / "model.safetensors").exists() and not args.force
+        was_ready = is_prepared(default_model_dir()) and not args.force
         path = prepare_default_model(force=args.force)
         print(f"default model {'ready' if was_ready else 'prepared'}: {path}")
         return 0

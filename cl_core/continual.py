@@ -244,7 +244,7 @@ class ContinualLLM:
         order = [ex for _ in range(epochs) for ex in learner.shuffled(examples)]
         skipped = replayed = 0
         for step in range(steps):
-            batch = order[step * new_per_step:(step + 1) * new_per_step] or learner.shuffled(examples)[:new_per_step]
+            batch = order[step * new_per_step:(step + 1) * new_per_step]  # never empty: steps ≤ len(order)/n
             replay = self._replay(self.config.batch_size - len(batch), exclude=ids)
             replayed += len(replay)
             skipped += learner.step(batch + replay).skipped
@@ -292,7 +292,7 @@ class ContinualLLM:
     def _publish_if_healthy(self, steps: int, skipped: int, reason: str) -> tuple[AdapterVersion | None, str]:
         """Publish the learner's adapter unless training produced nothing usable; then restore the last good one."""
         learner = self._get_learner()
-        healthy = all(bool(t.isfinite().all()) for t in learner.lora_state().values())
+        healthy = all(bool(p.isfinite().all()) for p in learner.model.parameters() if p.requires_grad)
         if steps == 0:
             return None, "already learned: the served version answers as asked, nothing published"
         if skipped == steps or not healthy:

@@ -57,7 +57,7 @@ def resolve_model(model: str, prepare: bool = True) -> str:
     """
     if model in DEFAULT_ALIASES:
         path = default_model_dir()
-        if not _is_prepared(path):
+        if not is_prepared(path):
             if not prepare:
                 raise ModelNotFoundError(f"the default model is not prepared at {path}; run "
                                          "`python -m cl_core model prepare`")
@@ -67,9 +67,7 @@ def resolve_model(model: str, prepare: bool = True) -> str:
     if path.exists():
         _check_model_dir(path)
         return str(path.resolve())
-    looks_like_path = model.startswith(("/", ".", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
-        or model.count("/") != 1
-    if looks_like_path:
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a path, not an `org/name` hub id
         raise ModelNotFoundError(
             f"model {model!r} does not exist: give an existing local model directory (with config.json and "
             f"*.safetensors), a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or {DEFAULT_MODEL!r}")
@@ -92,7 +90,7 @@ def _check_model_dir(path: Path) -> None:
         raise ModelNotFoundError(f"model directory {path} has no weights (*.safetensors); re-save the model")
 
 
-def _is_prepared(path: Path) -> bool:
+def is_prepared(path: Path) -> bool:
     manifest = path / MANIFEST
     if not manifest.is_file():
         return False
@@ -128,7 +126,7 @@ def model_fingerprint(model_path: str) -> str:
 def prepare_default_model(force: bool = False) -> Path:
     """Fetch, convert and verify the embedded default model; return its directory. Idempotent."""
     target = default_model_dir()
-    if _is_prepared(target) and not force:
+    if is_prepared(target) and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as tmp:
