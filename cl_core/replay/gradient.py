@@ -79,7 +79,7 @@ class GradientDiversityReplay(ReplayStrategy):
                 subset, sims, score = np.zeros(0, dtype=np.int64), np.zeros(0), 1.0
             else:
                 subset = self._rng.choice(m, size=min(self.n_compare, m), replace=False)
-                sims = (self._vecs[torch.from_numpy(subset)] @ grads[row]).double().numpy()
+                sims = (self._vecs.index_select(0, torch.from_numpy(subset)) @ grads[row]).double().numpy()
                 score = 1.0 + float(sims.max())
             if m < self.capacity:
                 slot = m
@@ -99,7 +99,7 @@ class GradientDiversityReplay(ReplayStrategy):
 
     def _discard(self, ids: set[int]) -> None:
         keep = [n for n, i in enumerate(self._ids) if i not in ids]
-        self._vecs[: len(keep)] = self._vecs[keep] if keep else self._vecs[:0]
+        self._vecs[: len(keep)] = self._vecs.index_select(0, torch.tensor(keep, dtype=torch.int64))
         self._scores[: len(keep)] = self._scores[keep]
         self._ids = [self._ids[n] for n in keep]
 

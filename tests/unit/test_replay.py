@@ -26,6 +26,7 @@ from cl_core.replay import (
     load_replay_strategy,
     make_replay_strategy,
 )
+from cl_core.replay.herding import herding_order
 
 TASKS = ("t0", "t1", "t2", "t3")
 STRATEGIES = available_replay_strategies()
@@ -159,6 +160,16 @@ def test_state_round_trip_restores_memory_and_future_choices(name: str, tmp_path
         assert into_fresh.observe(chunk, features) == rebuilt.observe(chunk, features) == left
     assert into_fresh.memory == rebuilt.memory == original.memory
     assert into_fresh.select(9) == rebuilt.select(9) == original.select(9)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_an_empty_memory_saves_and_loads(name: str, tmp_path: Path) -> None:
+    make_replay_strategy(name, capacity=5, seed=8).save(tmp_path)
+    restored = load_replay_strategy(tmp_path)
+    assert restored.memory == [] and restored.select(3) == []
+    stream, features = make_stream(per_task=4)
+    restored.observe(stream, features)
+    assert len(restored.memory) == 5
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -341,6 +352,22 @@ def test_herding_balances_tasks_and_its_exemplars_summarise_each_task() -> None:
         # over 10 stream seeds the worst case was the 0.2th percentile and 0.51 x the median
         assert herded < np.percentile(random_subsets, 5), (task, herded, np.percentile(random_subsets, [5, 50]))
         assert herded < 0.7 * np.median(random_subsets)
+
+
+def test_herding_order_is_the_textbook_greedy() -> None:
+    """The incremental form in `herding_order` must choose what the literal iCaRL loop chooses."""
+    g = torch.Generator().manual_seed(7)
+    vectors = F.normalize(torch.randn(60, 12, generator=g), dim=1).double()
+    target = vectors[:25].mean(dim=0)
+    expected, running, free = [], torch.zeros(12, dtype=torch.float64), torch.ones(60, dtype=torch.bool)
+    for t in range(1, 41):
+        dist = ((target - (running + vectors) / t) ** 2).sum(dim=1).masked_fill(~free, torch.inf)
+        i = int(torch.argmin(dist))
+        expected.append(i)
+        free[i] = False
+        running += vectors[i]
+    assert herding_order(vectors, target, 40) == expected
+    assert herding_order(vectors, target, 100) == herding_order(vectors, target, 60)  # k is capped at n rows
 
 
 def test_gradient_keeps_more_diverse_gradients_than_reservoir() -> None:
