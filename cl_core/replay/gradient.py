@@ -8,9 +8,11 @@ as large as possible, which it approximates by maximising gradient diversity, wi
 Per new item with gradient g: its score c = 1 + max cosine(g, G_j) over a random subset of `n_compare` memory
 gradients (c in [0, 2]; high = redundant). While the memory has room the item enters with score c. Once full, a
 memory slot j is drawn with probability ∝ its own score C_j, and the new item replaces it if it is more diverse
-(c < C_j); an exact duplicate of a sampled gradient (c = 2) never replaces anything. The paper's optional
-hard gate (max cosine < 0) is not applied: gradients of a language model on related texts share a common
-component, so that gate would freeze the memory.
+(c < C_j); an exact duplicate of a sampled gradient (c = 2) never replaces anything. Two departures from the
+public reference code: it draws the replacement decision at random with odds given by the two scores, where this
+module compares them (deterministic given the draw of j), and it replaces only when the new gradient's max cosine
+is below 0, a gate not applied here because gradients of a language model on related texts share a common
+component, so it would freeze the memory.
 
 Scores are computed at insertion and go stale as memory changes. To age them less, when an item enters, the
 memory items it was compared with raise their own score to 1 + their cosine to it (their memory now holds a
