@@ -21,7 +21,7 @@ from cl_core.errors import (
     NothingToLearnError,
     PublishError,
 )
-from cl_core.reports import AdapterVersion, CorrectionReport, LearnReport, ScoreResult
+from cl_core.reports import AdapterVersion, CorrectionReport, LearnReport, RetentionReport, ScoreResult
 
 if TYPE_CHECKING:
     from cl_core.continual import ContinualLLM
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterVersion", "CheckpointError", "ConfigError", "ContinualConfig", "ContinualError", "ContinualLLM",
     "CorrectionReport", "ExperienceStore", "InvalidInputError", "LearnReport", "ModelNotFoundError",
-    "NothingToLearnError", "PublishError", "ScoreResult",
+    "NothingToLearnError", "PublishError", "RetentionReport", "ScoreResult",
 ]
 
 

@@ -20,8 +20,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 ADAPTER_ROUTINGS = ("task_id", "embedding", "learned")
 LEARNING_MODES = ("online", "periodic", "feedback")
-ANTI_FORGETTING_AVAILABLE = ("none", "replay")
-ANTI_FORGETTING_PLANNED = ("ewc", "l2", "packnet", "progressive", "olora")
+ANTI_FORGETTING_METHODS = ("none", "replay", "ewc", "l2", "packnet", "progressive", "olora")
+PER_TASK_BLOCK_METHODS = ("packnet", "progressive", "olora")
+REPLAY_STRATEGIES = ("random", "priority", "herding", "gradient")
 PRIORITY_FUNCTIONS = ("loss", "uncertainty", "recency", "reward")
 SERVING_MODES = ("lora", "merged")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -89,13 +90,31 @@ class ContinualConfig:
 
     # --- anti-forgetting --------------------------------------------------------------------------------------
     anti_forgetting: str | tuple[str, ...] = "replay"
-    """Anti-forgetting method(s), one name or a list. Available now: `none`, `replay` (mix `replay_ratio` of each
-    batch from stored past experiences). `ewc`, `l2`, `packnet`, `progressive`, `olora` are delivered by the
-    anti-forgetting part and are rejected until then."""
+    """Anti-forgetting method(s), one name or a list combined (e.g. `["replay", "ewc"]`): `none` (plain
+    sequential fine-tuning), `replay` (mix `replay_ratio` of each batch from a replay memory), `ewc` (online EWC,
+    diagonal Fisher), `l2` (pull towards the previous task's weights), `progressive` (a new adapter block per
+    task, earlier blocks frozen), `olora` (progressive blocks kept in orthogonal subspaces), `packnet` (per-task
+    pruned and frozen rank components). At most one of progressive/olora/packnet. See `cl_core.methods`."""
     ewc_lambda: float = 0.4
-    """Strength of the EWC penalty; used once `ewc` is available (must be ≥ 0)."""
+    """Strength of the EWC penalty (≥ 0)."""
+    ewc_gamma: float = 0.9
+    """Online EWC decay of the running Fisher at each consolidation: F <- gamma F + F_new (0 < gamma ≤ 1)."""
+    ewc_samples: int = 32
+    """Examples per consolidation used to estimate the diagonal Fisher (one backward pass each)."""
+    l2_lambda: float = 0.01
+    """Strength of the `l2` pull towards the previous task's weights (≥ 0)."""
+    olora_lambda: float = 0.5
+    """Strength of O-LoRA's orthogonality penalty between the new task's lora_A rows and earlier tasks' (≥ 0)."""
+    max_tasks: int = 4
+    """Per-task block methods (progressive, olora, packnet) split the adapter into this many rank-`lora_rank`
+    blocks; the served adapter then has rank `lora_rank * max_tasks`."""
     replay_ratio: float = 0.5
-    """Fraction of each training batch drawn from past experiences (0 ≤ ratio < 1)."""
+    """Fraction of each training batch drawn from the replay memory (0 ≤ ratio < 1)."""
+    replay_strategy: str = "random"
+    """What the replay memory keeps and picks: `random` (reservoir), `priority` (loss-based), `herding` (per-task
+    embedding means, balanced), `gradient` (gradient diversity, GSS). See `cl_core.replay`."""
+    replay_memory: int = 1000
+    """Experiences the replay memory holds (ids into the store; at most `buffer_size` are stored)."""
     buffer_size: int = 10_000
     """Maximum experiences kept in the store; beyond it the lowest-priority, oldest ones are evicted."""
     priority_function: str = "reward"
@@ -166,15 +185,28 @@ class ContinualConfig:
         if not methods:
             _fail("anti_forgetting", self.anti_forgetting, "give at least one method name, or 'none'")
         for name in methods:
-            if name in ANTI_FORGETTING_PLANNED:
-                _fail("anti_forgetting", self.anti_forgetting,
-                      f"{name!r} is not available in this version yet; available: "
-                      f"{', '.join(ANTI_FORGETTING_AVAILABLE)}")
-            _choice("anti_forgetting", name, ANTI_FORGETTING_AVAILABLE)
+            _choice("anti_forgetting", name, ANTI_FORGETTING_METHODS)
+        if len(set(methods)) != len(methods):
+            _fail("anti_forgetting", self.anti_forgetting, "a method is listed twice")
         if "none" in methods and len(methods) > 1:
             _fail("anti_forgetting", self.anti_forgetting, "'none' cannot be combined with other methods")
+        blocks = [m for m in methods if m in PER_TASK_BLOCK_METHODS]
+        if len(blocks) > 1:
+            _fail("anti_forgetting", self.anti_forgetting,
+                  f"{' and '.join(blocks)} each split the adapter into per-task blocks; use only one of them")
         _non_negative_float("ewc_lambda", self.ewc_lambda)
+        if not (_is_number(self.ewc_gamma) and 0 < self.ewc_gamma <= 1):
+            _fail("ewc_gamma", self.ewc_gamma, "must be a number in (0, 1]")
+        _positive_int("ewc_samples", self.ewc_samples)
+        _non_negative_float("l2_lambda", self.l2_lambda)
+        _non_negative_float("olora_lambda", self.olora_lambda)
+        _positive_int("max_tasks", self.max_tasks)
+        if blocks and self.lora_rank * self.max_tasks > 512:
+            _fail("max_tasks", self.max_tasks, f"lora_rank * max_tasks = {self.lora_rank * self.max_tasks} "
+                  "exceeds vLLM's largest LoRA rank 512; lower lora_rank or max_tasks")
         _fraction("replay_ratio", self.replay_ratio, upper_open=True)
+        _choice("replay_strategy", self.replay_strategy, REPLAY_STRATEGIES)
+        _positive_int("replay_memory", self.replay_memory)
         _positive_int("buffer_size", self.buffer_size)
         _choice("priority_function", self.priority_function, PRIORITY_FUNCTIONS)
         for name in ("work_dir", "store_path"):
@@ -205,6 +237,16 @@ class ContinualConfig:
     @property
     def effective_lora_alpha(self) -> float:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def rank_blocks(self) -> int:
+        """Rank blocks of the adapter: `max_tasks` with a per-task block method, else 1."""
+        return self.max_tasks if any(m in PER_TASK_BLOCK_METHODS for m in self.anti_forgetting_methods) else 1
+
+    @property
+    def adapter_rank(self) -> int:
+        """Rank of the adapter as trained and served: `lora_rank * rank_blocks`."""
+        return self.lora_rank * self.rank_blocks
 
     def replace(self, **changes: Any) -> ContinualConfig:
         """A copy with some fields changed (validated like a new config)."""

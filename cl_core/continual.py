@@ -24,10 +24,12 @@ from cl_core.config import ContinualConfig
 from cl_core.engine import AdapterHandle, EngineSettings, Generation, VLLMEngine
 from cl_core.errors import CheckpointError, ConfigError, InvalidInputError, NothingToLearnError
 from cl_core.learner import Example, LearnerSettings, LoRALearner
+from cl_core.methods import MethodSet, MethodSettings
 from cl_core.models import model_fingerprint, resolve_model
 from cl_core.prompting import check_text, encode_pair, encode_prompt
-from cl_core.reports import AdapterVersion, CorrectionReport, LearnReport, ScoreResult
+from cl_core.reports import AdapterVersion, CorrectionReport, LearnReport, RetentionReport, ScoreResult
 from cl_core.store import Experience, ExperienceStore
+from cl_core.store_source import StoreExampleSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,12 +68,18 @@ class ContinualLLM:
         self._next_version = 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl-learn")
         self._online_job: Future[Any] | None = None
+        c = self.config
+        self.methods = MethodSet(c.anti_forgetting_methods, MethodSettings(
+            lora_rank=c.lora_rank, ewc_lambda=c.ewc_lambda, ewc_gamma=c.ewc_gamma, ewc_samples=c.ewc_samples,
+            l2_lambda=c.l2_lambda, olora_lambda=c.olora_lambda, max_tasks=c.max_tasks, replay_ratio=c.replay_ratio,
+            replay_strategy=c.replay_strategy, replay_memory=c.replay_memory, batch_size=c.batch_size, seed=c.seed),
+            source=StoreExampleSource(self.store, self.tokenizer, c.max_model_len, self._get_learner))
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _engine_settings(self) -> EngineSettings:
         c = self.config
         return EngineSettings(model_path=self.model_path, serving_mode=c.serving_mode, dtype=c.dtype,
-                              max_model_len=c.max_model_len, max_lora_rank=c.lora_rank, seed=c.seed,
+                              max_model_len=c.max_model_len, max_lora_rank=c.adapter_rank, seed=c.seed,
                               kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager,
                               max_loras=c.num_adapters)
 
@@ -82,8 +90,9 @@ class ContinualLLM:
             problems.append(f"it serves {s.model_path}, the config asks for {self.model_path}")
         if s.serving_mode != self.config.serving_mode:
             problems.append(f"it runs in {s.serving_mode} mode, the config asks for {self.config.serving_mode}")
-        if s.serving_mode == "lora" and s.max_lora_rank < self.config.lora_rank:
-            problems.append(f"its max LoRA rank is {s.max_lora_rank} < lora_rank={self.config.lora_rank}")
+        if s.serving_mode == "lora" and s.max_lora_rank < self.config.adapter_rank:
+            problems.append(f"its max LoRA rank is {s.max_lora_rank} < the adapter's rank {self.config.adapter_rank}"
+                            " (lora_rank x per-task blocks)")
         if s.max_model_len < self.config.max_model_len:
             problems.append(f"its max_model_len is {s.max_model_len} < {self.config.max_model_len}")
         if problems:
@@ -94,7 +103,10 @@ class ContinualLLM:
         if self._learner is None:
             c = self.config
             self._learner = LoRALearner(LearnerSettings(
-                model_path=self.model_path, lora_rank=c.lora_rank, lora_alpha=c.effective_lora_alpha,
+                # Per-task block methods grow the rank by `rank_blocks` and alpha with it: each block keeps the
+                # scale alpha/r of an ordinary adapter.
+                model_path=self.model_path, lora_rank=c.adapter_rank,
+                lora_alpha=c.effective_lora_alpha * c.rank_blocks,
                 lora_dropout=c.lora_dropout, target_modules=c.target_modules, learning_rate=c.learning_rate,
                 max_grad_norm=c.max_grad_norm, seed=c.seed, device=c.device))
         return self._learner
@@ -128,6 +140,56 @@ class ContinualLLM:
         total = float(sum(tokens))
         return ScoreResult(total, total / max(1, len(tokens)), len(tokens), tokens,
                            self._current.version if self._current else None)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Sum log-probability of each (prompt, response) under the served version, in one batched vLLM call
+        (what multiple-choice scoring needs: one pair per option)."""
+        if not isinstance(pairs, (list, tuple)):
+            raise InvalidInputError(f"pairs must be a list of (prompt, response), got {type(pairs).__name__}")
+        encoded = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise InvalidInputError(f"pairs[{i}] must be a (prompt, response) pair, got {pair!r}")
+            encoded.append(encode_pair(self.tokenizer, check_text(f"pairs[{i}][0]", pair[0]),
+                                       check_text(f"pairs[{i}][1]", pair[1]), add_eos=False))
+        if not encoded:
+            return []
+        logprobs = self.engine.prompt_logprobs([e.input_ids for e in encoded], self._current)
+        return [float(sum(row[len(e.prompt_ids):])) for e, row in zip(encoded, logprobs, strict=True)]
+
+    def evaluate_retention(self, test_sets: Sequence[Any]) -> RetentionReport:
+        """Per-task scores (accuracy in [0, 1]) of the version being served, through vLLM: what is measured is
+        what users get.
+
+        Each test set is a task from `cl_core.streams` (scored its own way: exact match or choice by
+        log-probability), or a dict `{"name": ..., "examples": [{"prompt": ..., "answer": ...}, ...]}` scored by
+        exact match of the greedy answer.
+        """
+        from cl_core.streams import Task, TaskExample
+
+        if isinstance(test_sets, (str, dict)) or not isinstance(test_sets, (list, tuple)) or not test_sets:
+            raise InvalidInputError("test_sets must be a non-empty list of tasks (cl_core.streams.Task) or dicts "
+                                    "{'name': ..., 'examples': [{'prompt': ..., 'answer': ...}]}")
+        version = self._current.version if self._current else None
+        start = time.perf_counter()
+        scores: dict[str, float] = {}
+        for i, test_set in enumerate(test_sets):
+            if isinstance(test_set, dict):
+                try:
+                    examples = tuple(TaskExample(prompt=e["prompt"], answer=e["answer"])
+                                     for e in test_set["examples"])
+                    test_set = Task(name=test_set["name"], train=(), test=examples, scoring="exact_match",
+                                    max_answer_tokens=int(test_set.get("max_answer_tokens", 16)),
+                                    description="ad-hoc test set")
+                except (KeyError, TypeError) as exc:
+                    raise InvalidInputError(f"test_sets[{i}] is not a valid test set ({exc!r}); give "
+                                            "{'name': ..., 'examples': [{'prompt': ..., 'answer': ...}]}") from exc
+            if not hasattr(test_set, "score") or not getattr(test_set, "test", None):
+                raise InvalidInputError(f"test_sets[{i}] has no test examples to score")
+            if test_set.name in scores:
+                raise InvalidInputError(f"two test sets are named {test_set.name!r}; names must be unique")
+            scores[test_set.name] = float(test_set.score(self))
+        return RetentionReport(scores=scores, version=version, seconds=time.perf_counter() - start)
 
     @overload
     def embed(self, texts: str) -> list[float]: ...
@@ -206,7 +268,7 @@ class ContinualLLM:
         self.engine.check_prompt_ids(pair.input_ids, new_tokens=0)
         exp_id = self.store.add(prompt, good_response, reward=1.0, task=task, kind="correction")
         pref_id = self.store.add_preference(prompt, good_response, bad_response, task=task, experience_id=exp_id)
-        return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair)), wait)
+        return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair), task), wait)
 
     def _submit(self, job: Callable[[], T], wait: bool) -> T | Future:
         future = self._executor.submit(job)
@@ -224,53 +286,85 @@ class ContinualLLM:
             out.append((exp, Example(pair, weight)))
         return out
 
-    def _replay(self, n: int, exclude: Sequence[int]) -> list[Example]:
-        if n <= 0 or "replay" not in self.config.anti_forgetting_methods:
-            return []
-        return [ex for _, ex in self._examples(self.store.sample(n, "uniform", exclude=exclude))]
-
     def _learn_round(self, chosen: Sequence[Experience], epochs: int, max_steps: int) -> LearnReport:
         start = time.perf_counter()
-        learner = self._get_learner()
         items = self._examples(chosen)
         if not items:
             raise NothingToLearnError("every new experience is longer than max_model_len; nothing to learn")
+        by_task: dict[str, list[tuple[Experience, Example]]] = {}
+        for exp, example in items:  # task groups in the order their first experience arrived
+            by_task.setdefault(exp.task, []).append((exp, example))
         examples = [ex for _, ex in items]
-        ids = [exp.id for exp, _ in items]
         loss_before = _mean(self._losses(examples))
-        replay_share = self.config.replay_ratio if "replay" in self.config.anti_forgetting_methods else 0.0
-        new_per_step = max(1, round(self.config.batch_size * (1 - replay_share)))
+        steps = skipped = replayed = 0
+        losses_after: dict[int, float] = {}
+        for task, group in by_task.items():
+            outcome = self._train_task(task, group, epochs, max_steps)
+            steps, skipped, replayed = steps + outcome[0], skipped + outcome[1], replayed + outcome[2]
+            losses_after |= outcome[3]
+        ids = [exp.id for exp, _ in items]
+        version, message = self._publish_if_healthy(steps, skipped, reason=f"learn: {len(examples)} experiences")
+        if version is not None:
+            self.store.mark_learned(ids, [losses_after[i] for i in ids])
+        return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(examples), num_replayed=replayed,
+                           loss_before=loss_before, loss_after=_mean(list(losses_after.values())), version=version,
+                           seconds=time.perf_counter() - start, message=message, tasks=tuple(by_task))
+
+    def _train_task(self, task: str, group: Sequence[tuple[Experience, Example]], epochs: int,
+                    max_steps: int) -> tuple[int, int, int, dict[int, float]]:
+        """Train one task's group of new examples between the methods' begin_task and end_task hooks."""
+        learner = self._get_learner()
+        examples = [ex for _, ex in group]
+        ids = [exp.id for exp, _ in group]
+        self.methods.begin_task(self.methods.task(task, examples, ids), learner)
+        masks = self.methods.trainable_mask(learner.lora_parameters())
+        new_per_step = self.config.batch_size - self.methods.replay_slots(self.config.batch_size)
         steps = min(max_steps, math.ceil(len(examples) * epochs / new_per_step))
         order = [ex for _ in range(epochs) for ex in learner.shuffled(examples)]
         skipped = replayed = 0
         for step in range(steps):
-            batch = order[step * new_per_step:(step + 1) * new_per_step]  # never empty: steps ≤ len(order)/n
-            replay = self._replay(self.config.batch_size - len(batch), exclude=ids)
-            replayed += len(replay)
-            skipped += learner.step(batch + replay).skipped
-        losses_after = self._losses(examples)
-        version, message = self._publish_if_healthy(steps, skipped, reason=f"learn: {len(examples)} experiences")
-        if version is not None:
-            self.store.mark_learned(ids, losses_after)
-        return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(examples), num_replayed=replayed,
-                           loss_before=loss_before, loss_after=_mean(losses_after), version=version,
-                           seconds=time.perf_counter() - start, message=message)
+            new = order[step * new_per_step:(step + 1) * new_per_step]  # never empty: steps ≤ len(order)/n
+            batch = self.methods.transform_batch(new, exclude_ids=ids)
+            replayed += len(batch) - len(new)
+            result = learner.step(batch, penalty=self.methods.penalty, masks=masks)
+            skipped += result.skipped
+            if not result.skipped:
+                self.methods.after_step(result.example_losses)
+        losses = self._losses(examples)
+        if not self._adapter_finite():  # never consolidate broken weights; the round publishes nothing
+            return steps, steps, replayed, dict(zip(ids, losses, strict=True))
+        edits = self.methods.end_task(self.methods.task(task, examples, ids, losses), learner)
+        if edits:
+            learner.assign(edits)
+            losses = self._losses(examples)
+        return steps, skipped, replayed, dict(zip(ids, losses, strict=True))
 
-    def _correction_round(self, exp_id: int, pref_id: int, example: Example) -> CorrectionReport:
+    def _correction_round(self, exp_id: int, pref_id: int, example: Example, task: str) -> CorrectionReport:
         start = time.perf_counter()
         learner = self._get_learner()
         c = self.config
         loss_before = self._losses([example])[0]
         steps = skipped = 0
+        self.methods.begin_task(self.methods.task(task, [example], [exp_id]), learner)
+        masks = self.methods.trainable_mask(learner.lora_parameters())
         margin = min(learner.token_margins(example))
         while margin < c.correction_margin and steps < c.correction_max_steps:
-            replay = self._replay(c.batch_size - 1, exclude=[exp_id])
+            batch = self.methods.transform_batch([example], exclude_ids=[exp_id])
             # The correction carries as much weight as all replayed examples together.
-            weighted = Example(example.pair, weight=float(max(1, len(replay))))
-            skipped += learner.step([weighted, *replay], learning_rate=c.correction_learning_rate).skipped
+            batch[0] = Example(example.pair, weight=float(max(1, len(batch) - 1)))
+            result = learner.step(batch, learning_rate=c.correction_learning_rate, penalty=self.methods.penalty,
+                                  masks=masks)
+            skipped += result.skipped
+            if not result.skipped:
+                self.methods.after_step(result.example_losses)
             steps += 1
             margin = min(learner.token_margins(example))
         loss_after = self._losses([example])[0]
+        if steps and self._adapter_finite():
+            edits = self.methods.end_task(self.methods.task(task, [example], [exp_id], [loss_after]), learner)
+            if edits:
+                learner.assign(edits)
+                margin = min(learner.token_margins(example))
         version, message = self._publish_if_healthy(steps, skipped, reason=f"correction (preference {pref_id})")
         if version is not None:
             self.store.mark_learned([exp_id], [loss_after])
@@ -291,8 +385,7 @@ class ContinualLLM:
 
     def _publish_if_healthy(self, steps: int, skipped: int, reason: str) -> tuple[AdapterVersion | None, str]:
         """Publish the learner's adapter unless training produced nothing usable; then restore the last good one."""
-        learner = self._get_learner()
-        healthy = all(bool(p.isfinite().all()) for p in learner.model.parameters() if p.requires_grad)
+        healthy = self._adapter_finite()
         if steps == 0:
             return None, "already learned: the served version answers as asked, nothing published"
         if skipped == steps or not healthy:
@@ -303,6 +396,9 @@ class ContinualLLM:
                         self._current.version if self._current else "base")
             return None, message + "; update skipped, the previous version keeps serving"
         return self._publish(reason), ""
+
+    def _adapter_finite(self) -> bool:
+        return all(bool(p.isfinite().all()) for p in self._get_learner().lora_parameters().values())
 
     def _restore_last_good(self) -> None:
         learner = self._get_learner()
@@ -363,6 +459,7 @@ class ContinualLLM:
             if self._learner is not None:
                 (tmp / "learner").mkdir()
                 self._learner.save_state(tmp / "learner")
+            self.methods.save(tmp / "methods")
             manifest = {"format": CHECKPOINT_FORMAT, "base_model": self.config.model,
                         "base_fingerprint": model_fingerprint(self.model_path),
                         "current_version": self._current.version if self._current else None,
@@ -433,6 +530,8 @@ class ContinualLLM:
         learner = self._get_learner()
         if (path / "learner").is_dir():
             learner.load_state(path / "learner")
+        if (path / "methods").is_dir():
+            self.methods.load(path / "methods")
         self.versions = [AdapterVersion(**(v.to_dict() | {"path": str(self.work_dir / "adapters" /
                                                                       f"v{v.version}")})) for v in saved
                          if v.version != current]

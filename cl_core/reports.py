@@ -36,6 +36,7 @@ class LearnReport:
     version: AdapterVersion | None
     seconds: float
     message: str = ""
+    tasks: tuple[str, ...] = ()
 
     @property
     def published(self) -> bool:
@@ -71,3 +72,19 @@ class ScoreResult:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.mean_logprob)
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """Outcome of `evaluate_retention`: per-task accuracy of one served version (None = the bare base model)."""
+
+    scores: dict[str, float]
+    version: int | None
+    seconds: float
+
+    def __getitem__(self, task: str) -> float:
+        return self.scores[task]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores.values()) / len(self.scores) if self.scores else float("nan")

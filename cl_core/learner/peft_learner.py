@@ -13,7 +13,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,11 @@ class StepResult:
     loss: float
     skipped: bool
     reason: str = ""
+    penalty: float = 0.0
+    example_losses: tuple[float, ...] = ()
+
+
+PenaltyFn = Callable[[Mapping[str, torch.Tensor]], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class LoRALearner:
         self.model.eval()
         self.optimizer = torch.optim.AdamW(self._trainable(), lr=settings.learning_rate, weight_decay=0.0)
         self.steps_done = 0
+        self._sketch: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     # --- training -------------------------------------------------------------------------------------------
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -95,27 +101,104 @@ class LoRALearner:
             mask = (targets != -100).float()
             return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
-    def step(self, examples: Sequence[Example], learning_rate: float | None = None) -> StepResult:
-        """One optimizer step. A non-finite loss or gradient skips the update and leaves the weights untouched."""
+    def step(self, examples: Sequence[Example], learning_rate: float | None = None,
+             penalty: PenaltyFn | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> StepResult:
+        """One optimizer step. A non-finite loss or gradient skips the update and leaves the weights untouched.
+
+        `penalty` (an anti-forgetting term on the LoRA weights) is added to the loss. `masks` (bool, True = may
+        change) freeze parts of the adapter: their gradients are zeroed and, because AdamW's moments could still
+        move them, their values are restored bit-exactly after the step.
+        """
         self.model.train()
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(examples)
-            if not torch.isfinite(loss):
-                return StepResult(float(loss.detach()), True, "non-finite loss")
-            loss.backward()
+            per_example = self.example_losses(examples, grad=True)
+            weights = torch.tensor([e.weight for e in examples], dtype=per_example.dtype, device=per_example.device)
+            loss = (per_example * weights).sum() / weights.sum().clamp_min(1e-8)
+            extra = penalty(self.lora_parameters()) if penalty is not None else None
+            total = loss if extra is None else loss + extra
+            losses = tuple(float(x) for x in per_example.detach())
+            extra_value = 0.0 if extra is None else float(extra.detach())
+            if not torch.isfinite(total):
+                return StepResult(float(loss.detach()), True, "non-finite loss", extra_value, losses)
+            total.backward()
+            params = self.lora_parameters()
+            frozen = {}
+            for name, mask in (masks or {}).items():
+                param = params[name]
+                if param.grad is not None:
+                    param.grad.mul_(mask)
+                frozen[name] = (param.detach().clone(), mask)
             norm = torch.nn.utils.clip_grad_norm_(self._trainable(), self.settings.max_grad_norm)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
-                return StepResult(float(loss.detach()), True, "non-finite gradient")
+                return StepResult(float(loss.detach()), True, "non-finite gradient", extra_value, losses)
             lr = self.settings.learning_rate if learning_rate is None else learning_rate
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            with torch.no_grad():
+                for name, (before, mask) in frozen.items():
+                    params[name].copy_(torch.where(mask, params[name], before))
             self.steps_done += 1
-            return StepResult(float(loss.detach()), False)
+            return StepResult(float(loss.detach()), False, "", extra_value, losses)
         finally:
             self.model.eval()
+
+    # --- what anti-forgetting methods and replay strategies may ask (read-only) -----------------------------
+    def lora_parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable LoRA tensors by PEFT name (live: for penalties; never write them from outside)."""
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def squared_gradients(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Mean over examples of each one's squared loss gradient: the empirical diagonal Fisher (for EWC)."""
+        params = self.lora_parameters()
+        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        for example in examples:
+            grads = torch.autograd.grad(self.loss([example]), list(params.values()), allow_unused=True)
+            for name, grad in zip(params, grads, strict=True):
+                if grad is not None:
+                    total[name] += grad.detach().pow(2)
+        return {name: value / max(1, len(examples)) for name, value in total.items()}
+
+    def embeddings(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Mean last hidden state over each example's prompt+response, from the frozen base (adapter off), so
+        embeddings of different rounds stay comparable (herding replay)."""
+        input_ids, _, attention = self._batch(examples)
+        with torch.no_grad(), self.model.disable_adapter():
+            hidden = self.model(input_ids=input_ids, attention_mask=attention,
+                                output_hidden_states=True).hidden_states[-1].float()
+        mask = attention[..., None].float()
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
+
+    def gradient_sketches(self, examples: Sequence[Example], dim: int = 256) -> torch.Tensor:
+        """Each example's LoRA gradient, count-sketched to `dim` numbers (random bucket and sign per weight,
+        fixed per learner), so gradient-diversity replay compares directions without storing full gradients."""
+        params = self.lora_parameters()
+        if self._sketch is None or self._sketch[0] != dim:
+            size = sum(p.numel() for p in params.values())
+            generator = torch.Generator().manual_seed(self.settings.seed + 7)
+            buckets = torch.randint(0, dim, (size,), generator=generator)
+            signs = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+            self._sketch = (dim, buckets.to(self.device), signs.to(self.device))
+        _, buckets, signs = self._sketch
+        rows = []
+        for example in examples:
+            grads = torch.autograd.grad(self.loss([example]), list(params.values()), allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                              for g, p in zip(grads, params.values(), strict=True)])
+            rows.append(torch.zeros(dim, device=self.device).index_add_(0, buckets, flat * signs).cpu())
+        return torch.stack(rows) if rows else torch.zeros((0, dim))
+
+    def assign(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set some LoRA tensors (e.g. PackNet's pruned weights), keeping their optimizer state."""
+        params = self.lora_parameters()
+        unknown = set(values) - set(params)
+        if unknown:
+            raise ValueError(f"not LoRA parameters of this learner: {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
 
     def token_margins(self, example: Example) -> list[float]:
         """Per response token: log-prob of the target minus the best other token, under teacher forcing.

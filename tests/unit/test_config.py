@@ -13,7 +13,9 @@ BAD_VALUES = [
     ("anti_forgetting", ("none", "replay")), ("ewc_lambda", -0.1), ("replay_ratio", 1.0), ("replay_ratio", -0.1),
     ("buffer_size", 0), ("priority_function", "vibes"), ("serving_mode", "fast"), ("dtype", "int8"),
     ("max_model_len", 8), ("seed", -1), ("kv_cache_gib", 0), ("device", "tpu"), ("model", ""), ("model", 3),
-    ("enforce_eager", "yes"),
+    ("enforce_eager", "yes"), ("anti_forgetting", ("olora", "packnet")), ("anti_forgetting", ("ewc", "ewc")),
+    ("ewc_gamma", 0.0), ("ewc_gamma", 1.5), ("ewc_samples", 0), ("l2_lambda", -1.0), ("olora_lambda", math.inf),
+    ("max_tasks", 0), ("replay_strategy", "best"), ("replay_memory", 0),
 ]
 
 
@@ -39,9 +41,16 @@ def test_choice_errors_list_allowed_values():
 
 
 @pytest.mark.parametrize("method", ["ewc", "l2", "packnet", "progressive", "olora"])
-def test_methods_not_delivered_yet_are_rejected_not_ignored(method):
-    with pytest.raises(ConfigError, match="not available in this version"):
-        ContinualConfig(anti_forgetting=[method, "replay"])
+def test_every_method_combines_with_replay(method):
+    config = ContinualConfig(anti_forgetting=[method, "replay"], lora_rank=8, max_tasks=4)
+    blocks = 4 if method in ("packnet", "progressive", "olora") else 1
+    assert config.rank_blocks == blocks
+    assert config.adapter_rank == 8 * blocks
+
+
+def test_per_task_blocks_must_fit_vllms_largest_rank():
+    with pytest.raises(ConfigError, match="max_tasks.*512"):
+        ContinualConfig(anti_forgetting="olora", lora_rank=256, max_tasks=4)
 
 
 def test_list_inputs_are_normalized_and_round_trip():

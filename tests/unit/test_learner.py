@@ -39,11 +39,19 @@ def test_training_lowers_the_loss_and_reaches_greedy(learner, example):
 def test_non_finite_loss_skips_the_update(learner, example, monkeypatch):
     learner.step([example])
     weights = learner.lora_state()
-    monkeypatch.setattr(learner, "loss", lambda examples: torch.tensor(math.nan, requires_grad=True))
+    monkeypatch.setattr(learner, "example_losses",
+                        lambda examples, grad=False: torch.full((len(examples),), math.nan, requires_grad=True))
     result = learner.step([example])
     assert result.skipped and "non-finite" in result.reason
     for name, value in learner.lora_state().items():
         assert torch.equal(value, weights[name])
+
+
+def test_non_finite_penalty_skips_the_update(learner, example):
+    weights = learner.lora_state()
+    result = learner.step([example], penalty=lambda params: torch.tensor(math.inf))
+    assert result.skipped and "non-finite" in result.reason
+    assert all(torch.equal(v, weights[k]) for k, v in learner.lora_state().items())
 
 
 def test_adapter_and_state_round_trip(learner, example, tmp_path, tiny_model_dir):
