@@ -19,12 +19,16 @@ def store(tmp_path):
 
 
 def test_add_pending_learned_and_sample(store):
-    ids = [store.add(f"q{i}", f"a{i}", reward=float(i)) for i in range(5)]
+    # Rewards > 0: a reward ≤ 0 makes an experience feedback-only, never pending (see test_store_states.py).
+    ids = [store.add(f"q{i}", f"a{i}", reward=float(i + 1)) for i in range(5)]
     assert [e.id for e in store.pending()] == ids
     store.mark_learned(ids[:3], [0.5, 0.4, 0.3])
     assert [e.id for e in store.pending()] == ids[3:]
     assert {e.id for e in store.sample(10)} == set(ids[:3])
-    assert [e.id for e in store.sample(2, "priority")] == [ids[2], ids[1]]
+    assert [e.id for e in store.sample(2, "top")] == [ids[2], ids[1]]
+    drawn = store.sample(2, "priority")  # proportional draw, returned highest priority first
+    assert len({e.id for e in drawn}) == 2 and {e.id for e in drawn} <= set(ids[:3])
+    assert drawn[0].priority > drawn[1].priority
     assert [e.id for e in store.sample(1, "recent")] == [ids[2]]
     assert store.get(ids[0]).last_loss == 0.5
 
