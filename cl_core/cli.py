@@ -1,4 +1,4 @@
-"""Command line: `python -m cl_core model prepare | demo`."""
+"""Command line: `python -m cl_core model prepare | demo | experiment run|report|plots`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--force", action="store_true", help="convert again even if already prepared")
     demo = sub.add_parser("demo", help="correct a wrong answer live and show that nothing else was forgotten")
     demo.add_argument("--serving-mode", choices=["lora", "merged"], default="lora")
+    from cl_core.research.runner import add_parser as add_experiment_parser
+
+    add_experiment_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         if not result.correction_stuck:
             return 1
         return 0 if result.retention_kept else 2
+    if args.command == "experiment":
+        from cl_core.research.runner import main as experiment_main
+
+        return experiment_main(args)
     return 2
 
 

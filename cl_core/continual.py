@@ -208,10 +208,11 @@ class ContinualLLM:
         """Store one interaction durably (returns its id). In `online` mode this may start a learning round."""
         check_text("prompt", prompt)
         check_text("response", response)
-        priority = None
-        if self.config.priority_function == "uncertainty":
-            priority = -self.score(prompt, response).mean_logprob
-        exp_id = self.store.add(prompt, response, reward=reward, task=task, priority=priority, metadata=metadata)
+        token_logprobs = None
+        if self.config.priority_function == "uncertainty":  # how unsure the served model is of this response
+            token_logprobs = self.score(prompt, response).token_logprobs
+        exp_id = self.store.add(prompt, response, reward=reward, task=task, metadata=metadata,
+                                token_logprobs=token_logprobs)
         if self.config.learning_mode == "online" and self.store.count(pending_only=True) >= \
                 self.config.update_frequency and (self._online_job is None or self._online_job.done()):
             try:
@@ -270,6 +271,12 @@ class ContinualLLM:
         pref_id = self.store.add_preference(prompt, good_response, bad_response, task=task, experience_id=exp_id)
         return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair), task), wait)
 
+    def reactivate(self) -> None:
+        """Serve this model's current version again, e.g. after another model published into the same engine
+        (in merged mode an engine serves whichever adapter was folded in last)."""
+        if self._current is not None:
+            self.engine.publish(self._current)
+
     def _submit(self, job: Callable[[], T], wait: bool) -> T | Future:
         future = self._executor.submit(job)
         return future.result() if wait else future
@@ -305,7 +312,7 @@ class ContinualLLM:
         ids = [exp.id for exp, _ in items]
         version, message = self._publish_if_healthy(steps, skipped, reason=f"learn: {len(examples)} experiences")
         if version is not None:
-            self.store.mark_learned(ids, [losses_after[i] for i in ids])
+            self.store.mark_learned(ids, [_finite_or_none(losses_after[i]) for i in ids])
         return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(examples), num_replayed=replayed,
                            loss_before=loss_before, loss_after=_mean(list(losses_after.values())), version=version,
                            seconds=time.perf_counter() - start, message=message, tasks=tuple(by_task))
@@ -367,7 +374,7 @@ class ContinualLLM:
                 margin = min(learner.token_margins(example))
         version, message = self._publish_if_healthy(steps, skipped, reason=f"correction (preference {pref_id})")
         if version is not None:
-            self.store.mark_learned([exp_id], [loss_after])
+            self.store.mark_learned([exp_id], [_finite_or_none(loss_after)])
         learned = margin >= c.correction_margin and version is not None
         if not learned and not message:
             message = (f"the good response is not yet the greedy answer after {steps} steps (margin {margin:.2f}); "
@@ -570,6 +577,10 @@ def _as_text_list(value: Any, name: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not value:
         raise InvalidInputError(f"{name} must be a str or a non-empty list of str, got {type(value).__name__}")
     return [check_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -72,3 +72,23 @@ def test_adapter_and_state_round_trip(learner, example, tmp_path, tiny_model_dir
     other.step([example])
     for name, value in learner.lora_state().items():
         assert torch.allclose(value, other.lora_state()[name], atol=1e-7)
+
+
+def test_batched_losses_match_single_example_losses(learner, tiny_model_dir):
+    """Left padding and response-only logits must not change any example's loss."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [Example(encode_pair(tokenizer, prompt, answer)) for prompt, answer in
+                [("Hi", "a much longer answer than the others here"), ("A very long question " * 6, "ok"),
+                 ("Medium question?", "medium answer")]]
+    batched = learner.example_losses(examples)
+    alone = torch.stack([learner.example_losses([ex])[0] for ex in examples])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    full = []
+    for ex in examples:  # the textbook computation: full logits, no padding
+        ids = torch.tensor([ex.pair.input_ids])
+        with torch.no_grad():
+            logp = learner.model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        n = len(ex.pair.prompt_ids)
+        targets = ids[0, n:]
+        full.append(-logp[n - 1:].gather(1, targets[:, None]).mean())
+    assert torch.allclose(batched, torch.stack(full), atol=1e-5)
