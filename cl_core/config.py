@@ -147,6 +147,10 @@ class ContinualConfig:
     """Run vLLM without torch.compile: starts in seconds instead of a minute, at some throughput cost."""
     device: str = "auto"
     """Learner device: `auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    train_precision: str = "float32"
+    """`float32`, or `bfloat16`: the training loss runs under bf16 autocast (master weights and AdamW state stay
+    float32). About 1.4x faster per step on a CPU with AVX512-BF16 and the usual choice on GPUs; float32 keeps
+    learner and vLLM log-probabilities equal to 1e-6 in fp32 parity checks."""
 
     def __post_init__(self) -> None:
         if isinstance(self.anti_forgetting, list):
@@ -225,6 +229,7 @@ class ContinualConfig:
         if not isinstance(self.enforce_eager, bool):
             _fail("enforce_eager", self.enforce_eager, "must be True or False")
         _choice("device", self.device, DEVICES)
+        _choice("train_precision", self.train_precision, ("float32", "bfloat16"))
 
     # ---------------------------------------------------------------------------------------------------------
     @property

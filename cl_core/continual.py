@@ -108,7 +108,7 @@ class ContinualLLM:
                 model_path=self.model_path, lora_rank=c.adapter_rank,
                 lora_alpha=c.effective_lora_alpha * c.rank_blocks,
                 lora_dropout=c.lora_dropout, target_modules=c.target_modules, learning_rate=c.learning_rate,
-                max_grad_norm=c.max_grad_norm, seed=c.seed, device=c.device))
+                max_grad_norm=c.max_grad_norm, seed=c.seed, device=c.device, precision=c.train_precision))
         return self._learner
 
     # --- inference ------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ log-probabilities for the same adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -57,6 +58,8 @@ class LearnerSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     device: str = "auto"
+    precision: str = "float32"
+    """"float32", or "bfloat16": matmuls of the training loss in bf16 autocast (weights and optimizer stay fp32)."""
 
 
 class LoRALearner:
@@ -99,7 +102,7 @@ class LoRALearner:
         """
         input_ids, labels, attention = self._batch(examples)
         keep = max(len(e.pair.response_ids) for e in examples) + 1
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self._autocast():
             logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=_positions(attention),
                                 logits_to_keep=keep).logits[:, :-1].float()
             targets = labels[:, -(keep - 1):]
@@ -232,6 +235,11 @@ class LoRALearner:
             logp = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
         picked = logp.gather(1, ids[0, 1:, None])[:, 0]
         return [math.nan, *picked.tolist()]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.settings.precision == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _batch(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded ids, labels (-100 outside the response) and attention mask."""

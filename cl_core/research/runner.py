@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 TRAIN_KEYS = {"steps_per_task": int, "batch_size": int, "learning_rate": float, "lora_rank": int,
               "serving_mode": str, "ewc_lambda": float, "ewc_gamma": float, "l2_lambda": float,
               "olora_lambda": float, "replay_ratio": float, "replay_strategy": str, "replay_memory": int,
-              "max_tasks": int, "kv_cache_gib": float, "max_model_len": int, "dtype": str}
+              "max_tasks": int, "kv_cache_gib": float, "max_model_len": int, "dtype": str,
+              "train_precision": str}
 
 
 def add_parser(sub: Any) -> None:
@@ -100,7 +101,10 @@ def _run(args: argparse.Namespace) -> int:
             wanted = args.tasks.split(",")
             tasks = [t for t in tasks if t.name in wanted]
     else:
-        names = args.tasks.split(",") if args.tasks else list(stream_cfg.get("tasks") or DEFAULT_SEQUENCE)
+        configured = stream_cfg.get("tasks") or DEFAULT_SEQUENCE
+        if isinstance(configured, str):
+            configured = [name.strip() for name in configured.split(",") if name.strip()]
+        names = args.tasks.split(",") if args.tasks else list(configured)
         tasks = build_stream(names, n_train=int(stream_cfg.get("n_train", args.n_train)),
                              n_test=int(stream_cfg.get("n_test", args.n_test)), seed=int(stream_cfg.get("seed", 0)))
     unknown = set(train) - set(TRAIN_KEYS)

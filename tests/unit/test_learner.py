@@ -92,3 +92,16 @@ def test_batched_losses_match_single_example_losses(learner, tiny_model_dir):
         targets = ids[0, n:]
         full.append(-logp[n - 1:].gather(1, targets[:, None]).mean())
     assert torch.allclose(batched, torch.stack(full), atol=1e-5)
+
+
+def test_bfloat16_training_precision_trains_with_fp32_master_weights(tiny_model_dir, example):
+    learner = LoRALearner(LearnerSettings(model_path=str(tiny_model_dir), lora_rank=8, lora_alpha=16,
+                                          learning_rate=5e-3, device="cpu", precision="bfloat16"))
+    reference = LoRALearner(LearnerSettings(model_path=str(tiny_model_dir), lora_rank=8, lora_alpha=16,
+                                            learning_rate=5e-3, device="cpu"))
+    assert torch.allclose(learner.example_losses([example]), reference.example_losses([example]), rtol=0.05)
+    first = learner.step([example]).loss
+    for _ in range(20):
+        last = learner.step([example]).loss
+    assert last < first / 2
+    assert all(p.dtype == torch.float32 for p in learner.lora_parameters().values())
