@@ -10,11 +10,11 @@ Sources (fetched on first use into `$CL_CORE_CACHE/streams`, sha256-checked; no 
   generator defines one;
 - `human_eval/return_value`: return values read from HumanEval's unit tests (no code is executed).
 
-Why the default sequence: each task answers with one short label from a fixed set (1-5 tokens), the label sets do
+Why the default sequence: each task answers with one short label from a fixed set (1-6 tokens), the label sets do
 not overlap (intent names, a digit, sentiment words, color words), every prompt is a short "classify this text"
 user message, and SmolLM2-135M-Instruct scores ~0 on each zero-shot by exact match (it answers in sentences).
 LoRA learns each label format in tens of steps, and training the next task overwrites it: forgetting shows up in
-minutes on CPU. Measured numbers are in the README of the experiments.
+minutes on CPU. Measured numbers are in the docstring of `DEFAULT_SEQUENCE` (cl_core/streams/registry.py).
 
 A built stream is plain JSON (`save_stream`/`load_stream`, `Task.to_json`/`from_json`), so later pipeline stages
 need none of the source packages (except "generator" scoring, which loads the cached reasoning-gym wheel).

@@ -21,7 +21,15 @@ DEFAULT_SEQUENCE: tuple[str, ...] = (
     "bigbench/multiemo/reviews_sentence_en",
     "bigbench/color/rgb",
 )
-"""Four tasks for a forgetting matrix on SmolLM2-135M-Instruct (see the package docstring for why these)."""
+"""Four tasks for a forgetting matrix on SmolLM2-135M-Instruct (see the package docstring for why these).
+
+Measured on the default model (HF transformers, fp32, greedy, chat template, 30 test prompts of seed 0), zero-shot
+exact match / chat-formatted prompt tokens (mean, max over train+test) / answer tokens / labels:
+intent_recognition 0.00 / 105, 125 / 1-6 / 7; letter_counting 0.00 / 53, 57 / 1 / 6-7 (majority "1" ~55%);
+multiemo reviews_sentence_en 0.03 / 85, 152 / 1-2 / 4; color/rgb 0.00 / 79, 80 / 1 / 9-10. The model answers in
+sentences ("The intent of the utterance is...", "The letter "f" appears..."), so exact match starts at ~0; one LoRA
+(r=16, lr 1e-3, batch 8) took intent_recognition's answer loss from 1.66 to 0.05 in 40 steps.
+"""
 
 
 def available_tasks() -> list[str]:

@@ -204,6 +204,7 @@ def test_stream_file_round_trip_and_cli(tmp_path, default_stream, capsys):
     assert [t.name for t in tasks] == names.split(",")
     assert tasks == build_stream(names.split(","), n_train=20, n_test=10, seed=1)
     assert json.loads(out.read_text())["info"] == {"n_train": 20, "n_test": 10, "seed": 1}
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by the other pipeline stages
     assert cli_main(["build", "--tasks", "nope", "--out", str(tmp_path / "x.json")]) == 2
     assert "known tasks" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
