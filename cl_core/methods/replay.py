@@ -30,9 +30,12 @@ class Replay(AntiForgettingMethod):
         self.replayed = 0
 
     def replay_slots(self, batch_size: int) -> int:
-        if self.settings.replay_ratio == 0:
+        """Places per batch for replay: none while the memory is empty (the first task fills whole batches with
+        new examples) and never more than the memory holds."""
+        if self.settings.replay_ratio == 0 or not self.strategy.memory:
             return 0
-        return min(batch_size - 1, max(1, round(batch_size * self.settings.replay_ratio)))
+        wanted = min(batch_size - 1, max(1, round(batch_size * self.settings.replay_ratio)))
+        return min(wanted, len(self.strategy.memory))
 
     def transform_batch(self, batch: list[Example], exclude_ids: Sequence[int]) -> list[Example]:
         slots = self.replay_slots(self.settings.batch_size)

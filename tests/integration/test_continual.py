@@ -188,3 +188,34 @@ def test_temporary_work_dir_is_removed_on_close_but_a_given_one_is_kept(tiny_mod
     kept.add_experience("q", "a")
     kept.close()
     assert (tmp_path / "keep" / "experiences.sqlite").exists()
+
+
+def test_checkpoint_restores_method_state_exactly(make_model, tmp_path, lora_engine):
+    """Fisher, anchors, replay memory, task blocks and RNGs come back exactly: both continue identically."""
+    import torch
+
+    changes = dict(anti_forgetting=["olora", "replay", "ewc"], lora_rank=4, max_tasks=2, ewc_samples=4,
+                   batch_size=4, learning_rate=5e-3)
+    model = make_model(**changes)
+    for task in ("a", "b"):
+        model.store.add_many([dict(prompt=f"{task} question {i}", response=f"{task} answer {i % 3}", task=task)
+                              for i in range(8)])
+        report = model.learn(epochs=2)
+        assert report.tasks == (task,)
+    assert model.methods.tasks == {"a": 0, "b": 1}
+    path = model.save_checkpoint(tmp_path / "ckpt")
+    assert {p.name for p in (path / "methods").iterdir()} >= {"ewc.safetensors", "ewc.json", "olora.json",
+                                                                "replay.safetensors", "methods.json"}
+    restored = ContinualLLM.load_checkpoint(path, engine=lora_engine, work_dir=str(tmp_path / "restored"))
+    try:
+        for mine, theirs in zip(model.methods.methods, restored.methods.methods, strict=True):
+            (ta, ma), (tb, mb) = mine.state(), theirs.state()
+            assert ma == mb and ta.keys() == tb.keys()
+            assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        for m in (model, restored):  # the same new data, the same continuation
+            m.store.add_many([dict(prompt=f"b extra {i}", response="b answer 1", task="b") for i in range(4)])
+            m.learn()
+        ours, theirs = model._get_learner().lora_parameters(), restored._get_learner().lora_parameters()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    finally:
+        restored.close()

@@ -184,8 +184,10 @@ def test_online_ewc_decays_and_accumulates_the_fisher(tiny_model_dir, data):
 
 def test_replay_mixes_past_tasks_into_batches(tiny_model_dir, data):
     methods, learner = setup("replay", tiny_model_dir, data)
+    assert methods.replay_slots(SETTINGS.batch_size) == 0  # empty memory: the first task fills whole batches
     first = train_task(methods, learner, "colors", data["colors"])
-    assert all(len(b) == SETTINGS.batch_size - methods.replay_slots(SETTINGS.batch_size) for b in first)
+    assert all(len(b) == SETTINGS.batch_size for b in first)
+    assert methods.replay_slots(SETTINGS.batch_size) == round(SETTINGS.batch_size * SETTINGS.replay_ratio)
     second = train_task(methods, learner, "animals", data["animals"])
     colors = {id(ex.pair) for _, ex in data["colors"]}
     for batch in second:
@@ -257,7 +259,7 @@ def test_combined_methods_add_penalties_and_intersect_masks(tiny_model_dir, data
     methods, learner = setup("progressive", tiny_model_dir, data)
     combo = MethodSet(["replay", "ewc", "progressive"], SETTINGS, methods.methods[0].source)
     batches = train_task(combo, learner, "colors", data["colors"])
-    assert all(len(b) == SETTINGS.batch_size // 2 for b in batches)  # nothing to replay yet
+    assert all(len(b) == SETTINGS.batch_size for b in batches)  # nothing to replay yet: all new examples
     second = train_task(combo, learner, "animals", data["animals"])
     assert all(len(b) == SETTINGS.batch_size for b in second)
     assert combo.penalty(learner.lora_parameters()) is not None
