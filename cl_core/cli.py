@@ -38,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0 if result.retention_kept else 2
     if args.command == "experiment":
+        from cl_core.errors import ContinualError
         from cl_core.research.runner import main as experiment_main
 
-        return experiment_main(args)
+        try:
+            return experiment_main(args)
+        except ContinualError as exc:  # bad input: say what and how to fix it, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 2
 
 

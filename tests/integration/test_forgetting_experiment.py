@@ -108,3 +108,38 @@ def test_report_and_plots_from_saved_runs(tmp_path):
     assert all((tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in pngs)
     with pytest.raises(InvalidInputError, match="no run results"):
         experiment_main(type("A", (), {"action": "report", "runs": str(tmp_path / "none"), "out": str(tmp_path)}))
+
+
+def test_experiment_run_command_from_params_file(tiny_model_dir, tmp_path, capsys):
+    """What a DVC stage runs: params.yaml + a stream file -> seed JSON + heatmap (own engine, started and stopped)."""
+    from cl_core.cli import main as cli_main
+    from cl_core.streams import save_stream
+
+    stream = save_stream(TASKS, tmp_path / "stream.json", n_train=12, n_test=4, seed=0)
+    (tmp_path / "params.yaml").write_text(f"""
+model: {tiny_model_dir}
+train:
+  steps_per_task: 3
+  batch_size: 4
+  learning_rate: 0.005
+  lora_rank: 4
+  serving_mode: merged
+  dtype: float32
+  max_model_len: 256
+  kv_cache_gib: 0.1
+  seeds: [0]
+runs:
+  replay_ewc:
+    anti_forgetting: [replay, ewc]
+    ewc_lambda: 10.0
+""")
+    out = tmp_path / "runs" / "replay_ewc"
+    assert cli_main(["experiment", "run", "--params", str(tmp_path / "params.yaml"), "--run", "replay_ewc",
+                     "--stream", str(stream), "--out", str(out)]) == 0
+    result = ExperimentResult.load(out / "seed0.json")
+    assert result.methods == ["replay", "ewc"] and result.steps_per_task == 3
+    assert result.config["ewc_lambda"] == 10.0 and result.config["lora_rank"] == 4
+    assert (out / "heatmap_seed0.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli_main(["experiment", "run", "--params", str(tmp_path / "params.yaml"), "--run", "nope",
+                     "--stream", str(stream), "--out", str(out)]) == 2
+    assert "run 'nope' is not in" in capsys.readouterr().err
