@@ -52,15 +52,16 @@ def heatmap(result: ExperimentResult, path: str | Path, title: str | None = None
 
 
 def accuracy_curves(results: Sequence[ExperimentResult], labels: Sequence[str], path: str | Path) -> Path:
-    """Average accuracy over the tasks seen so far, after each task, one line per run (plus multitask marks)."""
+    """Average accuracy over the tasks seen so far, after each task, one line per run, and the multitask bound."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for result, label in zip(results, labels, strict=True):
         n = len(result.tasks)
         seen = [sum(result.matrix[i][j] for i in range(j + 1)) / (j + 1) for j in range(n)]
-        line = ax.plot(range(1, n + 1), seen, marker="o", label=label)[0]
-        if result.multitask_average is not None:
-            ax.axhline(result.multitask_average, color=line.get_color(), linestyle=":", linewidth=1)
+        ax.plot(range(1, n + 1), seen, marker="o", label=label)
+    bounds = {r.multitask_average for r in results if r.multitask_average is not None}
+    for bound in sorted(bounds):
+        ax.axhline(bound, color="gray", linestyle=":", linewidth=1.2, label=f"multitask upper bound ({bound:.2f})")
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("mean accuracy on tasks seen so far")
     ax.set_ylim(0, 1.02)
