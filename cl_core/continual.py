@@ -68,12 +68,9 @@ class ContinualLLM:
         self._next_version = 1
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl-learn")
         self._online_job: Future[Any] | None = None
-        c = self.config
-        self.methods = MethodSet(c.anti_forgetting_methods, MethodSettings(
-            lora_rank=c.lora_rank, ewc_lambda=c.ewc_lambda, ewc_gamma=c.ewc_gamma, ewc_samples=c.ewc_samples,
-            l2_lambda=c.l2_lambda, olora_lambda=c.olora_lambda, max_tasks=c.max_tasks, replay_ratio=c.replay_ratio,
-            replay_strategy=c.replay_strategy, replay_memory=c.replay_memory, batch_size=c.batch_size, seed=c.seed),
-            source=StoreExampleSource(self.store, self.tokenizer, c.max_model_len, self._get_learner))
+        self.methods = MethodSet(self.config.anti_forgetting_methods, MethodSettings.from_config(self.config),
+                                 source=StoreExampleSource(self.store, self.tokenizer, self.config.max_model_len,
+                                                           self._get_learner))
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _engine_settings(self) -> EngineSettings:

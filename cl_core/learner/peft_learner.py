@@ -89,9 +89,7 @@ class LoRALearner:
 
     def loss(self, examples: Sequence[Example]) -> torch.Tensor:
         """Weighted mean over examples of each example's mean token NLL on its response."""
-        per_example = self.example_losses(examples, grad=True)
-        weights = torch.tensor([e.weight for e in examples], dtype=per_example.dtype, device=per_example.device)
-        return (per_example * weights).sum() / weights.sum().clamp_min(1e-8)
+        return _weighted_mean(self.example_losses(examples, grad=True), examples)
 
     def example_losses(self, examples: Sequence[Example], grad: bool = False) -> torch.Tensor:
         """Mean response-token NLL per example (teacher forcing).
@@ -123,8 +121,7 @@ class LoRALearner:
         try:
             self.optimizer.zero_grad(set_to_none=True)
             per_example = self.example_losses(examples, grad=True)
-            weights = torch.tensor([e.weight for e in examples], dtype=per_example.dtype, device=per_example.device)
-            loss = (per_example * weights).sum() / weights.sum().clamp_min(1e-8)
+            loss = _weighted_mean(per_example, examples)
             extra = penalty(self.lora_parameters()) if penalty is not None else None
             total = loss if extra is None else loss + extra
             losses = tuple(float(x) for x in per_example.detach())
@@ -328,6 +325,11 @@ class LoRALearner:
         tensors = load_file(str(Path(directory) / "optimizer.safetensors"))
         meta = json.loads((Path(directory) / "learner.json").read_text())
         self.load_state_dict(tensors, meta)
+
+
+def _weighted_mean(per_example: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+    weights = torch.tensor([e.weight for e in examples], dtype=per_example.dtype, device=per_example.device)
+    return (per_example * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
 def _positions(attention: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ it owns); online methods (EWC, L2) consolidate at every `end_task`, which is the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ class MethodSettings:
     replay_memory: int = 1000
     batch_size: int = 8
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> MethodSettings:
+        """The method knobs of a `ContinualConfig` (same field names): one source, so the two cannot drift."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -279,3 +279,12 @@ def test_masks_hold_frozen_weights_even_with_adam_momentum(tiny_model_dir, data)
     before = snapshot(learner)
     learner.step(examples, masks=masks)
     assert all(torch.equal(v, before[k]) for k, v in learner.lora_parameters().items())
+
+
+def test_method_settings_come_from_the_config():
+    from cl_core import ContinualConfig
+
+    config = ContinualConfig(ewc_lambda=7.0, olora_lambda=0.1, max_tasks=3, replay_strategy="herding", seed=5)
+    settings = MethodSettings.from_config(config)
+    assert (settings.ewc_lambda, settings.olora_lambda, settings.max_tasks, settings.replay_strategy,
+            settings.seed, settings.lora_rank) == (7.0, 0.1, 3, "herding", 5, config.lora_rank)
