@@ -253,6 +253,9 @@ def test_packnet_keeps_rank_components_per_task_and_freezes_them(tiny_model_dir,
         assert torch.equal(learner.lora_parameters()[name_a][first], kept[name_a][first])
         assert torch.equal(learner.lora_parameters()[name_b][:, first], kept[name_b][:, first])
         assert int((owner == 1).sum()) == RANK
+    train_task(methods, learner, "third", data["colors"], steps=0)
+    with pytest.raises(InvalidInputError, match="max_tasks"):  # every component is owned: a clear error
+        methods.begin_task(methods.task("fourth", [], []), learner)
 
 
 def test_combined_methods_add_penalties_and_intersect_masks(tiny_model_dir, data):
