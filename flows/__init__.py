@@ -1,0 +1,1 @@
+"""Prefect flows: the scheduled learning pipeline, rollback, and the forgetting experiment."""
