@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from cl_core.config import ContinualConfig
-from cl_core.engine import AdapterHandle, EngineSettings, Generation, VLLMEngine
+from cl_core.engine import AdapterHandle, EngineBase, EngineSettings, Generation, VLLMEngine
 from cl_core.errors import CheckpointError, ConfigError, InvalidInputError, NothingToLearnError
 from cl_core.learner import Example, LearnerSettings, LoRALearner
 from cl_core.methods import MethodSet, MethodSettings
@@ -43,7 +43,7 @@ class ContinualLLM:
     >>> model.learn_from_correction(prompt="...", bad_response="...", good_response="...")
     """
 
-    def __init__(self, config: ContinualConfig | None = None, *, engine: VLLMEngine | None = None,
+    def __init__(self, config: ContinualConfig | None = None, *, engine: EngineBase | None = None,
                  **overrides: Any) -> None:
         config = config or ContinualConfig()
         if not isinstance(config, ContinualConfig):
@@ -80,7 +80,7 @@ class ContinualLLM:
                               kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager,
                               max_loras=c.num_adapters)
 
-    def _check_engine(self, engine: VLLMEngine) -> None:
+    def _check_engine(self, engine: EngineBase) -> None:
         s = engine.settings
         problems = []
         if s.model_path != self.model_path:
@@ -484,7 +484,7 @@ class ContinualLLM:
         return path
 
     @classmethod
-    def load_checkpoint(cls, path: str | Path, *, engine: VLLMEngine | None = None,
+    def load_checkpoint(cls, path: str | Path, *, engine: EngineBase | None = None,
                         **overrides: Any) -> ContinualLLM:
         """Restore a model that serves the same adapter version (same greedy answers) as when it was saved.
 

@@ -27,3 +27,7 @@ class CheckpointError(ContinualError):
 
 class PublishError(ContinualError):
     """A new adapter version could not be published into the engine; the previous one keeps serving."""
+
+
+class ServingUnavailableError(ContinualError):
+    """An inference call reached a model that trains detached from serving (no engine in this process)."""

