@@ -422,6 +422,22 @@ class ExperienceStore:
         with self._lock:
             return [Label(*row) for row in self._db.execute(sql, params).fetchall()]
 
+    def metadata_values(self, key: str, values: Sequence[str]) -> set[str]:
+        """Which of `values` some stored experience carries under metadata `key` (e.g. the ids of records already
+        ingested from S3, so a re-run never adds them twice)."""
+        if not isinstance(key, str) or not key.isidentifier():
+            raise InvalidInputError(f"metadata key must be an identifier string, got {key!r}")
+        wanted = [str(v) for v in values]
+        found: set[str] = set()
+        with self._read():
+            for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                chunk = wanted[i:i + 500]
+                rows = self._db.execute(
+                    f"SELECT json_extract(metadata, '$.{key}') FROM experiences WHERE json_extract(metadata, "
+                    f"'$.{key}') IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                found.update(str(row[0]) for row in rows)
+        return found
+
     def count(self, pending_only: bool = False, status: str | Sequence[str] | None = None) -> int:
         """Number of stored experiences (all, `pending_only`, or those with the given status(es))."""
         codes = _status_codes(status if status is not None or not pending_only else "pending", learned_only=False,

@@ -123,3 +123,12 @@ def test_acknowledged_adds_survive_kill_9(tmp_path):
     assert all(f"q{i}" in prompts for i in range(acked + 1))
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
+
+
+def test_metadata_values_finds_already_ingested_records(store):
+    store.add("p1", "r1", metadata={"record_id": "a1"})
+    store.add_many([{"prompt": f"p{i}", "response": "r", "metadata": {"record_id": f"b{i}"}} for i in range(600)])
+    assert store.metadata_values("record_id", ["a1", "zz", "b0", "b599"]) == {"a1", "b0", "b599"}
+    assert store.metadata_values("record_id", []) == set()
+    with pytest.raises(InvalidInputError, match="identifier"):
+        store.metadata_values("x') OR 1=1 --", ["a"])
