@@ -1,0 +1,197 @@
+"""`PipelineConfig`: one typed configuration for the learning pipeline, read from YAML plus the environment.
+
+The YAML file (default `infra/pipeline.yaml`) says *what* the pipeline does: schedule, training, evaluation, gate.
+*Where* the services are (S3, MLflow, Prefect, vLLM replicas) comes from the environment contract that
+`infra/stack.sh up` writes to `.state/stack/env.sh` and that production sets in its deployment, so the same file
+runs against the loopback stack and against AWS S3 / an MLflow server / a vLLM deployment. Unknown keys are
+errors that list the known ones: a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_core.config import ContinualConfig
+from cl_core.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "infra" / "pipeline.yaml"
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """When the periodic-learning deployment runs: every `interval_minutes`, or on a `cron` expression."""
+
+    interval_minutes: float | None = 60.0
+    cron: str | None = None
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        if (self.interval_minutes is None) == (self.cron is None):
+            raise ConfigError("schedule: give exactly one of interval_minutes or cron")
+        if self.interval_minutes is not None and not self.interval_minutes > 0:
+            raise ConfigError(f"schedule.interval_minutes must be > 0, got {self.interval_minutes!r}")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """Great Expectations validation of pulled records."""
+
+    max_invalid_fraction: float = 0.2
+    """The run fails (loudly, after quarantining) when more than this share of pulled records is invalid."""
+    max_tokens: int | None = None
+    """Longest prompt+answer in tokens; None = the training context (`training.max_model_len`)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise ConfigError(f"validation.max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How a candidate is trained: a `ContinualConfig` (LoRA, methods, learning rates, `max_steps` per task) plus
+    the number of passes over the new records."""
+
+    continual: ContinualConfig
+    epochs: int = 3
+    correction_rounds: bool = True
+    """After the round, corrections the learner does not yet answer as corrected get a margin-driven
+    `learn_from_correction` each (what users corrected is what they check first)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"training.epochs must be an integer ≥ 1, got {self.epochs!r}")
+        if self.continual.priority_function == "uncertainty":
+            raise ConfigError("training.priority_function 'uncertainty' needs an inference engine in the "
+                              "training process; the pipeline trains detached from serving. Use 'loss'.")
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What the candidate is measured on, through vLLM."""
+
+    heldout_fraction: float = 0.2
+    """Share of labelled / positively rated records held out of training to measure the new-task gain."""
+    replay_probes: int = 16
+    """Earlier learned experiences (from the store) re-asked to measure retention."""
+    max_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"evaluation.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the services are (from the environment; see `infra/stack.sh`)."""
+
+    s3_endpoint: str | None
+    s3_bucket: str
+    s3_prefix: str
+    mlflow_uri: str
+    vllm_urls: tuple[str, ...]
+    adapter_dir: Path
+    prefect_api: str | None
+
+    @classmethod
+    def from_env(cls) -> Endpoints:
+        urls = tuple(u.strip().rstrip("/") for u in os.environ.get("CL_VLLM_URLS", "http://127.0.0.1:8000")
+                     .split(",") if u.strip())
+        if not urls:
+            raise ConfigError("CL_VLLM_URLS is empty: give the base URL of every vLLM replica, comma-separated")
+        return cls(s3_endpoint=os.environ.get("CL_S3_ENDPOINT", "http://127.0.0.1:8333") or None,
+                   s3_bucket=os.environ.get("CL_S3_BUCKET", "cl-experiences"),
+                   s3_prefix=os.environ.get("CL_S3_PREFIX", ""),
+                   mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+                   vllm_urls=urls,
+                   adapter_dir=Path(os.environ.get("CL_ADAPTER_DIR", REPO_ROOT / ".state" / "adapters")),
+                   prefect_api=os.environ.get("PREFECT_API_URL"))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a periodic-learning run needs, validated when built."""
+
+    training: TrainingSettings
+    endpoints: Endpoints
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    gate: dict[str, Any] = field(default_factory=dict)
+    model_name: str = "continual-adapter"
+    experiment: str = "continual-learning"
+    stable_name: str = "continual"
+    keep_versions: int = 3
+    """Versioned adapter names (`continual@v7`) kept loaded on the servers for instant rollback."""
+    state_dir: Path = REPO_ROOT / ".state" / "pipeline"
+    source: str = "<defaults>"
+
+    @property
+    def max_tokens(self) -> int:
+        return self.validation.max_tokens or self.training.continual.max_model_len
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
+        """Read the YAML file (`path`, else $CL_PIPELINE_CONFIG, else infra/pipeline.yaml) and the environment.
+
+        `overrides` replace top-level sections or fields, e.g. `training={"epochs": 1}` (merged into the file's
+        section) - tests and the benchmark use this to shrink a run.
+        """
+        import yaml
+
+        path = Path(path or os.environ.get("CL_PIPELINE_CONFIG") or DEFAULT_CONFIG)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"pipeline config {path} not found; pass a path or set CL_PIPELINE_CONFIG") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"pipeline config {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"pipeline config {path} must be a mapping of sections, got {type(raw).__name__}")
+        for key, value in overrides.items():
+            raw[key] = ({**(raw.get(key) or {}), **value} if isinstance(value, dict) and key != "gate"
+                        else value)
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+        known = {"training", "schedule", "validation", "evaluation", "gate", "model_name", "experiment",
+                 "stable_name", "keep_versions", "state_dir"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+        training = dict(raw.get("training") or {})
+        round_keys = {f.name for f in dataclasses.fields(TrainingSettings)} - {"continual"}
+        round_args = {k: training.pop(k) for k in list(training) if k in round_keys}
+        try:
+            continual = ContinualConfig(**training)
+        except TypeError as exc:
+            fields = sorted({f.name for f in dataclasses.fields(ContinualConfig)} | round_keys)
+            raise ConfigError(f"{source}: training: {exc}; known fields: {fields}") from exc
+        state_dir = Path(os.environ.get("CL_PIPELINE_STATE", raw.get("state_dir") or REPO_ROOT / ".state" /
+                                        "pipeline"))
+        return cls(training=TrainingSettings(continual=continual, **round_args),
+                   endpoints=Endpoints.from_env(),
+                   schedule=_section(ScheduleSettings, raw, "schedule", source),
+                   validation=_section(ValidationSettings, raw, "validation", source),
+                   evaluation=_section(EvaluationSettings, raw, "evaluation", source),
+                   gate=dict(raw.get("gate") or {}),
+                   **{k: raw[k] for k in ("model_name", "experiment", "stable_name", "keep_versions") if k in raw},
+                   state_dir=state_dir if state_dir.is_absolute() else REPO_ROOT / state_dir, source=source)
+
+
+def _section(kind: type, raw: dict[str, Any], name: str, source: str) -> Any:
+    values = raw.get(name) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{source}: {name}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    if name == "schedule" and "cron" in values and "interval_minutes" not in values:
+        values = {**values, "interval_minutes": None}
+    return kind(**values)
