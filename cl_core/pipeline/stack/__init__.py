@@ -1,0 +1,34 @@
+"""The local stack on loopback: SeaweedFS (S3), an MLflow server, a Prefect server and worker, a vLLM server.
+
+`python -m cl_core.pipeline.stack up|down|status` (or `infra/stack.sh`) runs it; the same `Service` classes give
+the test suite real services on free ports (tests/pipeline/conftest.py).
+"""
+
+from cl_core.pipeline.stack.mlflow_server import MLflowServer
+from cl_core.pipeline.stack.seaweedfs import S3Endpoint, SeaweedFS, ensure_buckets
+from cl_core.pipeline.stack.service import (
+    PortInUseError,
+    Service,
+    ServiceStartError,
+    StackError,
+    free_port,
+    free_port_block,
+    port_is_free,
+)
+from cl_core.pipeline.stack.vllm_server import SERVED_MODEL_NAME, VLLMServer
+
+__all__ = [
+    "SERVED_MODEL_NAME",
+    "MLflowServer",
+    "PortInUseError",
+    "S3Endpoint",
+    "SeaweedFS",
+    "Service",
+    "ServiceStartError",
+    "StackError",
+    "VLLMServer",
+    "ensure_buckets",
+    "free_port",
+    "free_port_block",
+    "port_is_free",
+]
