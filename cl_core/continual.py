@@ -268,6 +268,29 @@ class ContinualLLM:
         pref_id = self.store.add_preference(prompt, good_response, bad_response, task=task, experience_id=exp_id)
         return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair), task), wait)
 
+    def reinforce_correction(self, experience_id: int) -> CorrectionReport:
+        """Train on an already stored correction until it is the greedy answer with `correction_margin` to spare.
+
+        For corrections that arrived in a batch (e.g. from S3) and went through `learn()` with everything else:
+        those the learner does not yet answer as corrected get this margin-driven round, without being stored
+        a second time. Blocks until the new version is published.
+        """
+        exp = self.store.get(experience_id)
+        if exp is None or exp.kind != "correction":
+            raise InvalidInputError(f"experience {experience_id!r} is not a stored correction (kind "
+                                    f"{getattr(exp, 'kind', 'missing')!r}); store corrections with "
+                                    "learn_from_correction or store.add(kind='correction')")
+        pair = encode_pair(self.tokenizer, exp.prompt, exp.response)
+        pref_id = next((p.id for p in self.store.preferences() if p.experience_id == experience_id), None)
+        return self._submit(lambda: self._correction_round(experience_id, pref_id, Example(pair), exp.task),
+                            wait=True)
+
+    def correction_margin(self, prompt: str, response: str) -> float:
+        """The learner's smallest log-probability margin of `response`'s tokens over each runner-up token
+        (≥ `correction_margin` means greedy decoding reproduces it, in the learner's precision)."""
+        return float(min(self._get_learner().token_margins(Example(encode_pair(self.tokenizer, prompt,
+                                                                                 response)))))
+
     def reactivate(self) -> None:
         """Serve this model's current version again, e.g. after another model published into the same engine
         (in merged mode an engine serves whichever adapter was folded in last)."""

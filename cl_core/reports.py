@@ -55,7 +55,7 @@ class CorrectionReport:
     learned: bool
     version: AdapterVersion | None
     seconds: float
-    preference_id: int
+    preference_id: int | None
     message: str = ""
 
 

@@ -1,0 +1,150 @@
+"""Train a candidate adapter from a validated batch, continuing from the champion's full state.
+
+The champion's checkpoint (registered in MLflow with its adapter) holds everything learning needs to continue
+without forgetting: the adapter, the experience store (replay memory, priorities, preference pairs), the EWC
+Fisher information and anchor, and the optimizer. A run restores it, adds the batch, trains, and writes the
+candidate's checkpoint; nothing is shared between runs except through the registry, so a worker can be a fresh
+pod. The first run (no champion yet) starts from the bare base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cl_core.continual import ContinualLLM
+from cl_core.engine import DetachedEngine
+from cl_core.errors import NothingToLearnError
+from cl_core.models import model_fingerprint, resolve_model
+from cl_core.pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question and the answer the served model should give (what evaluation asks through vLLM)."""
+
+    prompt: str
+    answer: str
+    task: str = "default"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a training run produced and what evaluation needs to judge it."""
+
+    checkpoint_dir: Path
+    adapter_dir: Path
+    version: int
+    parent_version: int | None
+    base_model: str
+    base_fingerprint: str
+    heldout: list[QA]
+    corrections: list[QA]
+    replayed: list[QA]
+    stats: dict[str, float] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)
+
+    def params(self) -> dict[str, Any]:
+        return {"base_model": self.base_model, "parent_version": self.parent_version, **self.stats}
+
+
+def is_heldout(record_id: str, fraction: float) -> bool:
+    """Deterministic split by record id: the same record is held out in every run and on every machine."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(record_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_batch(records: Sequence[Any], heldout_fraction: float) -> tuple[list[Any], list[QA]]:
+    """Training records and held-out questions. Only labelled records are held out: they measure the new task's
+    gain on examples the candidate never saw. Corrections are all trained on (users check those exact facts)."""
+    train, heldout = [], []
+    for record in records:
+        if record.kind == "label" and is_heldout(record.id, heldout_fraction):
+            heldout.append(QA(record.prompt, record.response, record.task))
+        else:
+            train.append(record)
+    return train, heldout
+
+
+def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Path,
+                    champion_checkpoint: Path | None, parent_version: int | None) -> TrainingOutcome:
+    """Continue the champion's learning on `records` (validated `ExperienceRecord`s) and save the candidate.
+
+    Raises `NothingToLearnError` when the batch has nothing to train on (e.g. only already ingested records or
+    only negative ratings): the pipeline then ends the run without a candidate.
+    """
+    started = time.perf_counter()
+    if work_dir.exists():
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    continual = config.training.continual.replace(work_dir=str(work_dir / "model"))
+    engine = DetachedEngine.for_config(continual)
+    if champion_checkpoint is not None:
+        model = ContinualLLM.load_checkpoint(champion_checkpoint, engine=engine, work_dir=str(work_dir / "model"))
+    else:
+        model = ContinualLLM(continual, engine=engine)
+    try:
+        replayed = [QA(e.prompt, e.response, e.task) for e in
+                    model.store.sample(config.evaluation.replay_probes, "uniform", learned_only=True)]
+        train, heldout = split_batch(records, config.evaluation.heldout_fraction)
+        known = model.store.metadata_values("record_id", [r.id for r in train])
+        fresh = [r for r in train if r.id not in known]
+        corrections = _ingest(model, fresh)
+        if not model.store.count(pending_only=True) and not corrections:
+            raise NothingToLearnError(f"nothing new to train on: {len(train) - len(fresh)} of {len(train)} "
+                                      "records were already learned by the champion, the rest are negative ratings")
+        report = model.learn(epochs=config.training.epochs)
+        fixed = 0
+        if config.training.correction_rounds:
+            for exp_id, qa in corrections:
+                if model.correction_margin(qa.prompt, qa.answer) < continual.correction_margin:
+                    model.reinforce_correction(exp_id)
+                    fixed += 1
+        version = model.current_version
+        checkpoint = model.save_checkpoint(work_dir / "checkpoint")
+        stats = {"records": len(records), "trained_records": len(fresh), "already_learned": len(train) - len(fresh),
+                 "heldout_records": len(heldout), "corrections": len(corrections), "correction_rounds": fixed,
+                 "steps": report.steps, "skipped_steps": report.skipped_steps, "replayed_examples":
+                 report.num_replayed, "loss_before": _finite(report.loss_before),
+                 "loss_after": _finite(report.loss_after), "train_seconds": round(time.perf_counter() - started, 2),
+                 "store_size": model.store.count()}
+        model_path = resolve_model(continual.model)
+        return TrainingOutcome(checkpoint_dir=checkpoint, adapter_dir=checkpoint / "adapters" / f"v{version.version}",
+                               version=version.version, parent_version=parent_version, base_model=continual.model,
+                               base_fingerprint=model_fingerprint(model_path), heldout=heldout,
+                               corrections=[qa for _, qa in corrections], replayed=replayed, stats=stats,
+                               tasks=list(report.tasks))
+    finally:
+        model.close()
+
+
+def _ingest(model: ContinualLLM, records: Sequence[Any]) -> list[tuple[int, QA]]:
+    """Store the batch; returns the corrections' store ids. Each row remembers its S3 record id, so a record
+    seen again (a retried run) is never added twice."""
+    rows, corrections = [], []
+    for r in records:
+        meta = {"record_id": r.id, "kind": r.kind, "source": r.source or ""}
+        if r.kind == "correction":
+            exp_id = model.store.add(r.prompt, r.chosen, reward=1.0, task=r.task, kind="correction", metadata=meta)
+            model.store.add_preference(r.prompt, r.chosen, r.rejected, task=r.task, experience_id=exp_id)
+            corrections.append((exp_id, QA(r.prompt, r.chosen, r.task)))
+        else:
+            rows.append({"prompt": r.prompt, "response": r.response, "reward": r.reward, "task": r.task,
+                         "metadata": meta})
+    model.store.add_many(rows)
+    return corrections
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 5) if value is not None and math.isfinite(value) else None

@@ -1,0 +1,35 @@
+"""The service clients every task builds from one `PipelineConfig` (one place that knows the wiring)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cl_core.pipeline.config import PipelineConfig
+
+
+def s3(config: PipelineConfig) -> tuple[Any, Any]:
+    """(boto3 client, S3Settings) for the experience bucket."""
+    from cl_core.pipeline.s3 import S3Settings, make_client
+
+    settings = S3Settings.from_env()
+    return make_client(settings), settings
+
+
+def registry(config: PipelineConfig) -> Any:
+    from cl_core.pipeline.registry import AdapterRegistry
+
+    return AdapterRegistry(config.endpoints.mlflow_uri, model_name=config.model_name, experiment=config.experiment)
+
+
+def deployment(config: PipelineConfig) -> Any:
+    from cl_core.pipeline.serving import Deployment
+
+    return Deployment(list(config.endpoints.vllm_urls), stable_name=config.stable_name)
+
+
+def tokenizer(config: PipelineConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    from cl_core.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(config.training.continual.model))

@@ -1,0 +1,38 @@
+"""register: an MLflow run (params, metrics, GX result, adapter, checkpoint, lineage) and a model version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact
+
+from cl_core.pipeline.config import PipelineConfig
+from tasks import clients
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=5)
+def register_candidate(config: PipelineConfig, outcome: Any, evaluation: Any, decision: Any, validation: Any,
+                       pulled: Any, run_id: str) -> Any:
+    """Every candidate is registered, promoted or not: a rejected version keeps its metrics and the gate's
+    reasons, and the alias `challenger` marks the latest one that passed."""
+    registry = clients.registry(config)
+    c = config.training.continual
+    params = {"lora_rank": c.lora_rank, "learning_rate": c.learning_rate, "batch_size": c.batch_size,
+              "epochs": config.training.epochs, "max_steps": c.max_steps,
+              "anti_forgetting": ",".join(c.anti_forgetting_methods), "ewc_lambda": c.ewc_lambda,
+              "replay_ratio": c.replay_ratio, "train_precision": c.train_precision, **outcome.params()}
+    lineage = {"base_model": outcome.base_model, "base_fingerprint": outcome.base_fingerprint,
+               "parent_version": outcome.parent_version, "data_objects": len(pulled.objects),
+               "data_watermark": pulled.new_watermark.describe(), "prefect_flow_run": run_id,
+               "quarantine": validation.quarantine_key or ""}
+    version = registry.log_candidate(
+        params=params, metrics={**outcome.stats, **evaluation.metrics}, adapter_dir=outcome.adapter_dir,
+        checkpoint_dir=outcome.checkpoint_dir, gx_result=validation.gx_result, data_docs_dir=validation.data_docs,
+        decision=decision, lineage=lineage, tags={"tasks": ",".join(outcome.tasks)})
+    if decision.passed:
+        registry.set_alias(version.version, "challenger")
+    create_link_artifact(key="mlflow-version", link=version.version_url,
+                         link_text=f"{config.model_name} v{version.version} in MLflow",
+                         description=f"Registered adapter version ({decision.verdict})")
+    return version

@@ -1,0 +1,31 @@
+"""train: LoRA + EWC + replay from the champion's checkpoint (Fisher and experience store carried over)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from cl_core.pipeline.config import PipelineConfig
+from tasks import clients
+
+
+@task(name="train-candidate")
+def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> Any:
+    """A candidate adapter trained on the valid records, continuing the champion (on GPU when there is one)."""
+    from cl_core.pipeline.training import train_candidate as train
+
+    work = Path(config.state_dir) / "runs" / run_id / "train"
+    registry = clients.registry(config)
+    parent = registry.version_for("champion")
+    checkpoint = registry.download_checkpoint(parent, work.parent / "champion") if parent is not None else None
+    outcome = train(config, records, work, checkpoint, parent)
+    s = outcome.stats
+    create_markdown_artifact(
+        key="training", description="Candidate training",
+        markdown=(f"## Trained from {'champion v' + str(parent) if parent else 'the base model'}\n\n"
+                  "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in s.items())
+                  + f"\n| methods | {', '.join(config.training.continual.anti_forgetting_methods)} |\n"))
+    return outcome
