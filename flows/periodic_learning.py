@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,8 @@ class RunSummary:
     run_url: str | None = None
     flow_run_url: str | None = None
     promotion_seconds: float | None = None
+    """Gate decision -> first response from the promoted version under the stable name (registration included)."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -84,36 +87,48 @@ def periodic_learning(config_path: str | None = None, overrides: dict[str, Any] 
 def _round(config: PipelineConfig) -> RunSummary:
     log = get_run_logger()
     run_id = flow_run.get_id() or uuid.uuid4().hex
-    pulled = pull_experiences(config)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[stage] = round(time.perf_counter() - start, 3)
+
+    pulled = timed("pull", pull_experiences, config)
     n = len(pulled.records) + len(pulled.raw_invalid)
     if n == 0:
         log.info("no new experiences since the last run")
-        return RunSummary("no new experiences")
-    validation = validate_experiences(config, pulled, run_id)
-    summary = RunSummary("", records=n, valid=len(validation.valid), invalid=len(validation.invalid))
+        return RunSummary("no new experiences", stage_seconds=timings)
+    validation = timed("validate", validate_experiences, config, pulled, run_id)
+    summary = RunSummary("", records=n, valid=len(validation.valid), invalid=len(validation.invalid),
+                         stage_seconds=timings)
     try:
-        outcome = train_candidate(config, validation.valid, run_id)
+        outcome = timed("train", train_candidate, config, validation.valid, run_id)
     except NothingToLearnError as exc:
         commit_watermark(config, pulled)
         summary.outcome = f"nothing to train on: {exc}"
         return summary
     summary.parent_version, summary.training = outcome.parent_version, outcome.stats
     try:
-        evaluation = evaluate_candidate(config, outcome, run_id)
-        decision = gate_candidate(config, evaluation)
-        version = register_candidate(config, outcome, evaluation, decision, validation, pulled, run_id)
+        evaluation = timed("evaluate", evaluate_candidate, config, outcome, run_id)
+        decision = timed("gate", gate_candidate, config, evaluation)
+        decided = time.perf_counter()
+        version = timed("register", register_candidate, config, outcome, evaluation, decision, validation, pulled,
+                        run_id)
         summary.version, summary.version_url, summary.run_url = version.version, version.version_url, version.run_url
         summary.gate, summary.metrics = decision.to_dict(), dict(evaluation.metrics)
         if decision.passed:
-            result = promote_version(config, version.version, expected_champion=outcome.parent_version)
+            timed("promote", promote_version, config, version.version, expected_champion=outcome.parent_version)
             summary.promoted = True
-            summary.promotion_seconds = getattr(result, "seconds", None)
+            summary.promotion_seconds = round(time.perf_counter() - decided, 3)
             summary.outcome = f"promoted v{version.version}"
         else:
             summary.outcome = f"v{version.version} rejected by the gate: " + "; ".join(decision.reasons)
     finally:
-        unload_candidate(config, run_id)
-    commit_watermark(config, pulled)
+        timed("unload", unload_candidate, config, run_id)
+    timed("commit", commit_watermark, config, pulled)
     log.info(summary.outcome)
     return summary
 
