@@ -30,9 +30,13 @@ def rollback(version: int | None = None, config_path: str | None = None, reason:
     registry = clients.registry(config)
     current = registry.version_for("champion")
     target = version if version is not None else previous_champion(registry, current)
-    if registry.get(target) is None:
+    from cl_core.pipeline.registry import VersionNotFound
+
+    try:
+        registry.get(target)
+    except VersionNotFound as exc:
         raise NothingToRollBackTo(f"version {target} is not registered under {config.model_name}; see the MLflow "
-                                  "registry for the versions there are")
+                                  "registry for the versions there are") from exc
     if target == current:
         print(f"v{target} is already the champion; nothing to do")
         return {"champion": target, "changed": False}

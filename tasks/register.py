@@ -15,23 +15,25 @@ from tasks import clients
 def register_candidate(config: PipelineConfig, outcome: Any, evaluation: Any, decision: Any, validation: Any,
                        pulled: Any, run_id: str) -> Any:
     """Every candidate is registered, promoted or not: a rejected version keeps its metrics and the gate's
-    reasons, and the alias `challenger` marks the latest one that passed."""
+    reasons, and the alias `challenger` marks the latest one that passed. A retried task returns the version
+    its first attempt registered (idempotency key = the flow run id)."""
     registry = clients.registry(config)
     c = config.training.continual
     params = {"lora_rank": c.lora_rank, "learning_rate": c.learning_rate, "batch_size": c.batch_size,
               "epochs": config.training.epochs, "max_steps": c.max_steps,
               "anti_forgetting": ",".join(c.anti_forgetting_methods), "ewc_lambda": c.ewc_lambda,
-              "replay_ratio": c.replay_ratio, "train_precision": c.train_precision, **outcome.params()}
+              "replay_ratio": c.replay_ratio, "train_precision": c.train_precision}
     lineage = {"base_model": outcome.base_model, "base_fingerprint": outcome.base_fingerprint,
                "parent_version": outcome.parent_version, "data_objects": len(pulled.objects),
                "data_watermark": pulled.new_watermark.describe(), "prefect_flow_run": run_id,
                "quarantine": validation.quarantine_key or ""}
+    training = {f"train.{k}": float(v) for k, v in outcome.stats.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     version = registry.log_candidate(
-        params=params, metrics={**outcome.stats, **evaluation.metrics}, adapter_dir=outcome.adapter_dir,
-        checkpoint_dir=outcome.checkpoint_dir, gx_result=validation.gx_result, data_docs_dir=validation.data_docs,
-        decision=decision, lineage=lineage, tags={"tasks": ",".join(outcome.tasks)})
-    if decision.passed:
-        registry.set_alias(version.version, "challenger")
+        params=params, metrics={"candidate": evaluation.candidate, "champion": evaluation.champion, **training},
+        adapter_dir=outcome.adapter_dir, checkpoint_dir=outcome.checkpoint_dir, gx_result=validation.gx_result,
+        data_docs_dir=validation.data_docs, decision=decision, lineage=lineage,
+        tags={"tasks": ",".join(outcome.tasks)}, run_name=f"round-{run_id[:8]}", idempotency_key=run_id)
     create_link_artifact(key="mlflow-version", link=version.version_url,
                          link_text=f"{config.model_name} v{version.version} in MLflow",
                          description=f"Registered adapter version ({decision.verdict})")

@@ -53,9 +53,6 @@ class TrainingOutcome:
     stats: dict[str, float] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
 
-    def params(self) -> dict[str, Any]:
-        return {"base_model": self.base_model, "parent_version": self.parent_version, **self.stats}
-
 
 def is_heldout(record_id: str, fraction: float) -> bool:
     """Deterministic split by record id: the same record is held out in every run and on every machine."""
