@@ -401,7 +401,15 @@ class AdapterRegistry:
             token = getattr(page, "token", None)
             if not token:
                 break
-        return [self._info(mv) for mv in sorted(found, key=lambda mv: int(mv.version))]
+        if not found:
+            return []
+        # Search results carry no aliases (MLflow leaves them out): take them from the registered model.
+        by_version: dict[int, list[str]] = {}
+        for alias, version in self._call("get registered model", self.client.get_registered_model,
+                                         self.model_name).aliases.items():
+            by_version.setdefault(int(version), []).append(alias)
+        return [self._info(mv, tuple(sorted(by_version.get(int(mv.version), ()))))
+                for mv in sorted(found, key=lambda mv: int(mv.version))]
 
     def download_adapter(self, version: int, dst: str | Path, *, overwrite: bool = False) -> Path:
         """Download a version's PEFT adapter into directory `dst` (created whole: temp dir, then rename)."""
@@ -463,10 +471,11 @@ class AdapterRegistry:
             return []
         return sorted(model.aliases)
 
-    def _info(self, mv) -> VersionInfo:
+    def _info(self, mv: Any, aliases: tuple[str, ...] | None = None) -> VersionInfo:
         run = self._call("get run", self.client.get_run, mv.run_id)
+        aliases = tuple(sorted(mv.aliases or ())) if aliases is None else aliases
         return VersionInfo(version=int(mv.version), run_id=mv.run_id, tags=dict(mv.tags), metrics=dict(
-            run.data.metrics), params=dict(run.data.params), source=mv.source, aliases=tuple(mv.aliases or ()),
+            run.data.metrics), params=dict(run.data.params), source=mv.source, aliases=aliases,
             run_tags={k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")})
 
     def _find_by_key(self, key: str) -> VersionInfo | None:
