@@ -5,6 +5,7 @@ the test suite real services on free ports (tests/pipeline/conftest.py).
 """
 
 from cl_core.pipeline.stack.mlflow_server import MLflowServer
+from cl_core.pipeline.stack.prefect_server import PrefectServer, PrefectWorker, ensure_work_pool
 from cl_core.pipeline.stack.seaweedfs import S3Endpoint, SeaweedFS, ensure_buckets
 from cl_core.pipeline.stack.service import (
     PortInUseError,
@@ -15,19 +16,26 @@ from cl_core.pipeline.stack.service import (
     free_port_block,
     port_is_free,
 )
+from cl_core.pipeline.stack.stack import SERVICES, Stack, StackConfig
 from cl_core.pipeline.stack.vllm_server import SERVED_MODEL_NAME, VLLMServer
 
 __all__ = [
     "SERVED_MODEL_NAME",
+    "SERVICES",
     "MLflowServer",
     "PortInUseError",
+    "PrefectServer",
+    "PrefectWorker",
     "S3Endpoint",
     "SeaweedFS",
     "Service",
     "ServiceStartError",
+    "Stack",
+    "StackConfig",
     "StackError",
     "VLLMServer",
     "ensure_buckets",
+    "ensure_work_pool",
     "free_port",
     "free_port_block",
     "port_is_free",

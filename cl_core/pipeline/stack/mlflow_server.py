@@ -46,8 +46,9 @@ class MLflowServer(Service):
     def environment(self) -> dict[str, str]:
         return {"MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint_url, "AWS_ACCESS_KEY_ID": self.s3.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.s3.secret_key, "AWS_DEFAULT_REGION": self.s3.region,
-                # the server logs nothing useful at the default level when startup fails silently otherwise
-                "PYTHONUNBUFFERED": "1"}
+                # job execution (GenAI scorers, prompt optimization) spawns ~7 huey consumers; the pipeline uses
+                # tracking and the registry only, and the machine has 2 cores
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1"}
 
     def command(self) -> list[str]:
         hosts = ",".join(f"{h}:{self.port}" for h in ("127.0.0.1", "localhost")) + ",127.0.0.1,localhost"

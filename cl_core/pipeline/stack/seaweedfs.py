@@ -94,9 +94,23 @@ class SeaweedFS(Service):
 
 
 def ensure_buckets(endpoint: S3Endpoint, buckets: tuple[str, ...] | list[str]) -> None:
-    """Create each bucket unless it exists (idempotent: a second `up` changes nothing)."""
+    """Create each bucket unless it exists (idempotent: a second `up` changes nothing).
+
+    Existence is asked per bucket (HeadBucket), not read from ListBuckets: without configured identities SeaweedFS
+    lists only buckets it attributes to the caller, which may leave out ones that exist.
+    """
+    from botocore.exceptions import ClientError
+
     client = endpoint.client()
-    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     for bucket in buckets:
-        if bucket not in existing:
+        try:
+            client.head_bucket(Bucket=bucket)
+            continue
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        try:
             client.create_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise

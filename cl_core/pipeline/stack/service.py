@@ -178,6 +178,7 @@ class Service:
     def __init__(self, state_dir: Path, port: int) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.port = port
+        self.cwd = self.state_dir
         self._proc: subprocess.Popen | None = None
 
     # --- what subclasses define -------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class Service:
             log.flush()
             try:
                 self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              env=env, cwd=self.state_dir, start_new_session=True)
+                                              env=env, cwd=self.cwd, start_new_session=True)
             except OSError as exc:
                 raise ServiceStartError(self.name, f"could not execute {cmd[0]}: {exc}", self.log_path) from exc
         PidRecord(pid=self._proc.pid, command=cmd, ports=self.ports(), started=time.time(),
