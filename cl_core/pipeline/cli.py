@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -44,6 +45,10 @@ def add_gate_parser(sub: Any) -> None:
                    help="YAML file with a top-level `gate:` section (e.g. infra/pipeline.yaml); default rules "
                         "when left out")
     p.add_argument("--json", action="store_true", help="print the decision as JSON instead of a table")
+    p.add_argument("--json-out", metavar="PATH", default=None,
+                   help="also write the decision JSON to PATH (a CI artifact)")
+    p.add_argument("--markdown-out", metavar="PATH", default=None,
+                   help="also append the decision as markdown to PATH (e.g. $GITHUB_STEP_SUMMARY)")
     p.add_argument("--attempts", type=int, default=4, help="tries per registry call before giving up (default 4)")
     p.set_defaults(func=run_gate)
 
@@ -102,8 +107,14 @@ def run_gate(args: argparse.Namespace) -> int:
                "champion": {"ref": args.champion, "version": champion_version,
                             "url": registry.version_url(champion_version) if champion_version else None},
                "champion_metrics": source, "notes": notes}
+    report = {**decision.to_dict(), **context}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown_out:
+        with open(args.markdown_out, "a") as out:
+            out.write(_markdown(decision, context))
     if args.json:
-        print(json.dumps({**decision.to_dict(), **context}, indent=2))
+        print(json.dumps(report, indent=2))
     else:
         _print_decision(decision, context)
     return EXIT_OK if decision.passed else EXIT_FAILED
@@ -157,6 +168,17 @@ def _print_decision(decision: Any, context: dict[str, Any]) -> None:
         console.print(f"  - {reason}", markup=False)
     if context["candidate"]["url"]:
         console.print(f"candidate: {context['candidate']['url']}", markup=False)
+
+
+def _markdown(decision: Any, context: dict[str, Any]) -> str:
+    champion = context["champion"]
+    champ_text = f"v{champion['version']}" if champion["version"] else "no champion"
+    candidate = context["candidate"]
+    link = f"[v{candidate['version']}]({candidate['url']})" if candidate["url"] else f"v{candidate['version']}"
+    head = (f"### Promotion gate: {context['model']} candidate {link} vs {champ_text}\n\n"
+            f"Champion metrics: {context['champion_metrics']}\n\n")
+    notes = "".join(f"- {note}\n" for note in context["notes"])
+    return head + decision.to_markdown() + notes + "\n"
 
 
 def _fmt(value: float | None) -> str:

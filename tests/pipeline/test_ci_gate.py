@@ -87,9 +87,16 @@ def test_forgetful_candidate_fails_with_reasons(history, tmp_path):
     relaxed = gate("--tracking-uri", uri, "--model", name, "--candidate", "3", "--rules", str(rules))
     assert relaxed.returncode == 0, relaxed.stdout + relaxed.stderr
 
-    plain = gate("--tracking-uri", uri, "--model", name, "--candidate", "3")
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    plain = gate("--tracking-uri", uri, "--model", name, "--candidate", "3", "--json-out", str(tmp_path / "d.json"),
+                 "--markdown-out", str(summary))
     assert plain.returncode == 1 and "gate REJECTED" in plain.stdout and "rejected because:" in plain.stdout
     assert "retention_drop 0.3 > 0.05" in plain.stdout
+    assert json.loads((tmp_path / "d.json").read_text())["reasons"] == decision["reasons"]
+    markdown = summary.read_text()
+    assert markdown.startswith("# earlier step\n### Promotion gate:") and "| retention_drop | 0.3 | 0.05 | FAIL |" \
+        in markdown
 
 
 @pytest.mark.integration
