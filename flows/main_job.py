@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -45,11 +46,12 @@ def seed_s3(config: PipelineConfig) -> int:
 
     settings = S3Settings.from_env()
     client = make_client(settings)
-    records = [ExperienceRecord.from_dict({**r, "id": record_id(r)}) for r in seed_records()]
+    records = [ExperienceRecord(**{**r, "id": record_id(r)}) for r in seed_records()]
     with ExperienceWriter(client, settings) as writer:
         for record in records:
             writer.add(record)
-    client.put_object(Bucket=settings.bucket, Key=object_key(settings, "interaction", suffix="truncated"),
+    now = datetime.now(UTC)
+    client.put_object(Bucket=settings.bucket, Key=object_key(settings, "interaction", now, now),
                       Body=malformed_object_body())
     return len(records) + 1
 

@@ -25,7 +25,7 @@ def register_candidate(config: PipelineConfig, outcome: Any, evaluation: Any, de
               "replay_ratio": c.replay_ratio, "train_precision": c.train_precision}
     lineage = {"base_model": outcome.base_model, "base_fingerprint": outcome.base_fingerprint,
                "parent_version": outcome.parent_version, "data_objects": len(pulled.objects),
-               "data_watermark": pulled.new_watermark.describe(), "prefect_flow_run": run_id,
+               "data_watermark": watermark_summary(pulled.new_watermark), "prefect_flow_run": run_id,
                "quarantine": validation.quarantine_key or ""}
     training = {f"train.{k}": float(v) for k, v in outcome.stats.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -38,3 +38,8 @@ def register_candidate(config: PipelineConfig, outcome: Any, evaluation: Any, de
                          link_text=f"{config.model_name} v{version.version} in MLflow",
                          description=f"Registered adapter version ({decision.verdict})")
     return version
+
+
+def watermark_summary(watermark: Any) -> str:
+    """The newest object key per kind: enough to find exactly which data a version was trained on."""
+    return ";".join(f"{kind}={mark.last_key.rsplit('/', 1)[-1]}" for kind, mark in sorted(watermark.kinds.items()))

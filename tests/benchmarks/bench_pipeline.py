@@ -106,7 +106,7 @@ def main() -> int:
     salt = uuid.uuid4().hex  # a fresh batch: these records were never learned
     with ExperienceWriter(make_client(settings), settings) as writer:
         for fields in seed_records(invalid=False):
-            writer.add(ExperienceRecord.from_dict({**fields, "id": record_id({**fields, "source": salt})}))
+            writer.add(ExperienceRecord(**{**fields, "id": record_id({**fields, "source": salt})}))
 
     console.print("pipeline run under the same load")
     load.start()

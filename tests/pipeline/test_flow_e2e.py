@@ -56,14 +56,14 @@ def _seed(env: dict[str, Any], extra: list[dict[str, Any]] = (), labels: int = 6
     from cl_core.pipeline.s3 import S3Settings, make_client
 
     settings = S3Settings.from_env()
-    records = [{"kind": "correction", "prompt": q, "chosen": good, "rejected": bad, "task": "facts"}
+    records = [{"kind": "correction", "prompt": q, "response": bad, "chosen": good, "rejected": bad, "task": "facts"}
                for q, bad, good in CORRECTIONS]
     records += [{"kind": "label", "prompt": f"Say the number {i}.", "response": str(i), "task": "numbers"}
                 for i in range(labels)]
     records += list(extra)
     with ExperienceWriter(make_client(settings), settings) as writer:
         for fields in records:
-            writer.add(ExperienceRecord.from_dict({"id": uuid.uuid4().hex, **fields}))
+            writer.add(ExperienceRecord(**{"id": uuid.uuid4().hex, **fields}))
     return len(records)
 
 
