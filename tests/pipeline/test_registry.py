@@ -193,6 +193,7 @@ def test_flatten_metrics_forms_agree():
 def test_outage_fails_fast_with_the_uri(tmp_path):
     uri = f"http://127.0.0.1:{free_closed_port()}"
     registry = AdapterRegistry(uri, max_attempts=3, backoff_s=0.2)
+    mlflow_env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")}
     start = time.monotonic()
     with pytest.raises(RegistryUnavailable) as info:
         registry.log_candidate({}, {"candidate": CANDIDATE}, adapter(tmp_path / "a"), lineage={"base_model": "x"})
@@ -201,8 +202,8 @@ def test_outage_fails_fast_with_the_uri(tmp_path):
     assert uri in str(info.value) and "failed 3 times" in str(info.value) and info.value.uri == uri
     with pytest.raises(RegistryUnavailable):
         registry.version_for("champion")
-    # MLflow's own environment is left as it was
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ or os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] != "0"
+    # MLflow's own retry settings are pinned only during the registry's calls, then restored
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_HTTP_")} == mlflow_env
 
 
 # ------------------------------------------------------------------------- transient failures through a proxy
