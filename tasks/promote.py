@@ -39,7 +39,8 @@ def promote_version(config: PipelineConfig, version: int, expected_champion: int
     if not (path / "adapter_config.json").exists():
         registry.download_adapter(version, path)
     deployment = clients.deployment(config)
-    result = deployment.promote(f"{config.stable_name}@v{version}", str(path))
+    name = f"{config.stable_name}@v{version}"
+    result = (deployment.promote(name, str(path)) if check_order else deployment.rollback(str(path), name))
     registry.set_alias(version, "champion")
     registry.mark(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             "promotion": reason, "promoted_from": str(current or "base")})
@@ -48,14 +49,16 @@ def promote_version(config: PipelineConfig, version: int, expected_champion: int
         key="promotion", description="Promotion to the vLLM deployment",
         markdown=(f"## `{config.stable_name}` now serves v{version} on {len(config.endpoints.vllm_urls)} "
                   f"replica(s)\n\nPrevious champion: {'v' + str(current) if current else 'base model'}; "
-                  f"reason: {reason}\n\n{result.to_markdown() if hasattr(result, 'to_markdown') else result}"))
+                  f"reason: {reason}\n\n| | seconds |\n|---|---|\n| stage on all replicas | {result.stage_s:.3f} |\n"
+                  f"| switch the stable name | {result.switch_s:.3f} |\n| call -> first response | "
+                  f"{result.latency_s:.3f} |\n"))
     return result
 
 
 def _retire_old(config: PipelineConfig, deployment: Any, keep: set[int | None]) -> None:
     """Unload versioned names beyond the newest `keep_versions` (older ones reload from MLflow on rollback)."""
     prefix = f"{config.stable_name}@v"
-    loaded = sorted(int(name[len(prefix):]) for name in deployment.loaded_names() if name.startswith(prefix)
+    loaded = sorted(int(name[len(prefix):]) for name in deployment.servers[0].models() if name.startswith(prefix)
                     and name[len(prefix):].isdigit())
     for number in loaded[:-config.keep_versions] if len(loaded) > config.keep_versions else []:
         if number not in keep:
