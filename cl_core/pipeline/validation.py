@@ -59,7 +59,7 @@ MIN_TEXT_FRACTION = 0.8
 MALFORMED = "malformed_json"
 
 ID_REGEX = r"^[0-9a-f]{32}$"
-ISO8601_REGEX = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
+ISO8601_REGEX = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})$"
 CONTROL_REGEX = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F]"
 REPLACEMENT_REGEX = r"\ufffd"
 SURROGATES = re.compile(r"[\ud800-\udfff]")
@@ -216,52 +216,74 @@ def _frame(rows: Sequence[dict[str, Any]], token_count: Callable[[str, str], int
 
 
 def build_suite(max_tokens: int) -> Any:
-    """The expectation suite for a context of `max_tokens` tokens (prompt + answer)."""
+    """The expectation suite for a context of `max_tokens` tokens (prompt + answer). Each expectation carries its
+    rule name in `meta["rule"]` and a one-line description that data docs show in place of GX's generic text."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
-    def rule(name: str, expectation: Any) -> Any:
+    def rule(name: str, says: str, expectation: Any) -> Any:
         expectation.meta = {"rule": name}
+        expectation.description = f"{name}: {says}"
         return expectation
 
     correction = Column("kind") == "correction"
+    kinds = ", ".join(KINDS)
     expectations = [
-        rule("schema_required_fields", gxe.ExpectColumnValuesToBeInSet(column="_missing_fields", value_set=[""])),
-        rule("schema_field_types", gxe.ExpectColumnValuesToBeInSet(column="_type_errors", value_set=[""])),
-        rule("schema_known_fields", gxe.ExpectColumnValuesToBeInSet(column="_unknown_fields", value_set=[""])),
-        rule("schema_version", gxe.ExpectColumnValuesToBeInSet(column="schema_version", value_set=[SCHEMA_VERSION])),
-        rule("kind_in_set", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=list(KINDS))),
-        rule("id_format", gxe.ExpectColumnValuesToMatchRegex(column="id", regex=ID_REGEX)),
-        rule("unique_id", gxe.ExpectColumnValuesToBeUnique(column="id")),
-        rule("created_at_iso8601", gxe.ExpectColumnValuesToMatchRegex(column="created_at", regex=ISO8601_REGEX)),
-        rule("prompt_not_empty", gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=1)),
-        rule("response_not_empty", gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1)),
-        rule("tokens_within_context", gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_tokens)),
-        rule("token_count_ok", gxe.ExpectColumnValuesToBeInSet(column="_token_error", value_set=[""])),
-        rule("reward_in_range", gxe.ExpectColumnValuesToBeBetween(column="reward", min_value=-1.0, max_value=1.0)),
-        rule("rating_has_reward",
+        rule("schema_required_fields", f"every record has {', '.join(REQUIRED_FIELDS)} (not null)",
+             gxe.ExpectColumnValuesToBeInSet(column="_missing_fields", value_set=[""])),
+        rule("schema_field_types", "text fields are strings, reward a number, metadata an object",
+             gxe.ExpectColumnValuesToBeInSet(column="_type_errors", value_set=[""])),
+        rule("schema_known_fields", f"no field outside schema v{SCHEMA_VERSION}",
+             gxe.ExpectColumnValuesToBeInSet(column="_unknown_fields", value_set=[""])),
+        rule("schema_version", f"schema_version is {SCHEMA_VERSION}",
+             gxe.ExpectColumnValuesToBeInSet(column="schema_version", value_set=[SCHEMA_VERSION])),
+        rule("kind_in_set", f"kind is one of {kinds}", gxe.ExpectColumnValuesToBeInSet(column="kind",
+                                                                                      value_set=list(KINDS))),
+        rule("id_format", "id is a uuid4 hex string", gxe.ExpectColumnValuesToMatchRegex(column="id", regex=ID_REGEX)),
+        rule("unique_id", "no two records share an id (every copy is rejected: which one is right is unknown)",
+             gxe.ExpectColumnValuesToBeUnique(column="id")),
+        rule("created_at_iso8601", "created_at is an ISO-8601 timestamp with a time zone",
+             gxe.ExpectColumnValuesToMatchRegex(column="created_at", regex=ISO8601_REGEX)),
+        rule("prompt_not_empty", "the prompt is not empty",
+             gxe.ExpectColumnValueLengthsToBeBetween(column="prompt", min_value=1)),
+        rule("response_not_empty", "the answer is not empty",
+             gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1)),
+        rule("tokens_within_context", f"prompt + answer fit the training context of {max_tokens} tokens",
+             gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_tokens)),
+        rule("token_count_ok", "the tokenizer could count the record's tokens",
+             gxe.ExpectColumnValuesToBeInSet(column="_token_error", value_set=[""])),
+        rule("reward_in_range", "reward, where present, is in [-1, 1]",
+             gxe.ExpectColumnValuesToBeBetween(column="reward", min_value=-1.0, max_value=1.0)),
+        rule("rating_has_reward", "a rating has a reward",
              gxe.ExpectColumnValuesToNotBeNull(column="reward", row_condition=Column("kind") == "rating")),
-        rule("correction_has_chosen", gxe.ExpectColumnValuesToNotBeNull(column="chosen", row_condition=correction)),
-        rule("correction_has_rejected",
+        rule("correction_has_chosen", "a correction has the corrected answer (chosen)",
+             gxe.ExpectColumnValuesToNotBeNull(column="chosen", row_condition=correction)),
+        rule("correction_has_rejected", "a correction has the bad answer (rejected)",
              gxe.ExpectColumnValuesToNotBeNull(column="rejected", row_condition=correction)),
-        rule("correction_chosen_differs",
+        rule("correction_chosen_differs", "a correction's chosen answer differs from the rejected one",
              gxe.ExpectColumnValuesToBeInSet(column="_chosen_equals_rejected", value_set=[False],
                                              row_condition=correction)),
-        rule("duplicate_prompt_answer", gxe.ExpectColumnValuesToBeBetween(column="_pair_occurrence", max_value=0)),
+        rule("duplicate_prompt_answer", "no earlier record in the batch has the same kind, prompt and answer",
+             gxe.ExpectColumnValuesToBeBetween(column="_pair_occurrence", max_value=0)),
     ]
     for name in TEXT_FIELDS:
         expectations += [
-            rule(f"{name}_not_blank", gxe.ExpectColumnValuesToMatchRegex(column=name, regex=NOT_BLANK_REGEX)),
-            rule(f"{name}_has_words", gxe.ExpectColumnValuesToMatchRegex(column=name, regex=HAS_WORDS_REGEX)),
-            rule(f"{name}_no_control_chars",
+            rule(f"{name}_not_blank", f"{name} is not only whitespace",
+                 gxe.ExpectColumnValuesToMatchRegex(column=name, regex=NOT_BLANK_REGEX)),
+            rule(f"{name}_has_words", f"{name} has at least one letter or digit",
+                 gxe.ExpectColumnValuesToMatchRegex(column=name, regex=HAS_WORDS_REGEX)),
+            rule(f"{name}_no_control_chars", f"{name} has no NUL or control characters (tab, newline, CR allowed)",
                  gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=CONTROL_REGEX)),
-            rule(f"{name}_no_replacement_char",
+            rule(f"{name}_no_replacement_char", f"{name} has no U+FFFD (text damaged by a lossy decode)",
                  gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=REPLACEMENT_REGEX)),
-            rule(f"{name}_valid_utf8", gxe.ExpectColumnValuesToBeInSet(column=f"_invalid_utf8_{name}", value_set=[""])),
-            rule(f"{name}_no_mojibake", gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=MOJIBAKE_REGEX)),
-            rule(f"{name}_mostly_text", gxe.ExpectColumnValuesToBeBetween(column=f"_text_fraction_{name}",
-                                                                          min_value=MIN_TEXT_FRACTION)),
+            rule(f"{name}_valid_utf8", f"{name} was valid UTF-8 (no undecodable bytes)",
+                 gxe.ExpectColumnValuesToBeInSet(column=f"_invalid_utf8_{name}", value_set=[""])),
+            rule(f"{name}_no_mojibake", f"{name} has no UTF-8-read-as-Latin-1 sequences such as \u00c3\u00a9",
+                 gxe.ExpectColumnValuesToNotMatchRegex(column=name, regex=MOJIBAKE_REGEX)),
+            rule(f"{name}_mostly_text",
+                 f"at least {MIN_TEXT_FRACTION:.0%} of {name} is letters, digits, punctuation or spaces",
+                 gxe.ExpectColumnValuesToBeBetween(column=f"_text_fraction_{name}", min_value=MIN_TEXT_FRACTION)),
         ]
     return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations)
 
@@ -450,6 +472,7 @@ def write_data_docs(report: ValidationReport, out_dir: str | Path, run_name: str
     })
     result = ExpectationSuiteValidationResultSchema().load(report.gx_result)
     run_id = RunIdentifier(run_name=run_name, run_time=datetime.now(UTC))
+    result.meta["run_id"] = run_id
     key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=SUITE_NAME),
                                      run_id=run_id, batch_identifier="pulled")
     context.validation_results_store.set(key, result)
