@@ -20,7 +20,8 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
     work = Path(config.state_dir) / "runs" / run_id / "train"
     registry = clients.registry(config)
     parent = registry.version_for("champion")
-    checkpoint = registry.download_checkpoint(parent, work.parent / "champion", overwrite=True) if parent is not None else None
+    checkpoint = (registry.download_checkpoint(parent, work.parent / "champion", overwrite=True)
+                  if parent is not None else None)
     outcome = train(config, records, work, checkpoint, parent)
     s = outcome.stats
     create_markdown_artifact(
