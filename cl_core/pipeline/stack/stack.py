@@ -270,7 +270,8 @@ class Stack:
                 outcomes[name] = Outcome(name, "failed", str(exc))
                 return False
             except Exception as exc:  # a bad setting, a taken port, a missing model: named, never a traceback
-                outcomes[name] = Outcome(name, "failed", f"service {name!r} failed to start: {exc}"
+                why = str(exc) if isinstance(exc, StackError) else f"service {name!r} failed to start: {exc}"
+                outcomes[name] = Outcome(name, "failed", why
                                          + (f"\n  log: {service.log_path}" if service.log_path.exists() else ""))
                 return False
             outcomes[name] = Outcome(name, state, service.url)
