@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from cl_core.errors import InvalidInputError
-from cl_core.pipeline.s3 import S3Settings, S3Unavailable, bucket_error, error_code
+from cl_core.pipeline.s3 import S3Settings, S3Unavailable, error_code, reraise
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,7 @@ class ExperienceWriter:
         self._lock = threading.Lock()
         self._buffer: list[tuple[ExperienceRecord, str, datetime]] = []  # (record, json line, partition hour)
         self._bytes = 0
+        self._in_flight = 0  # records taken by a flush that has not returned yet
         self._oldest: float | None = None
         self._closed = False
         self.written: list[str] = []  # keys written by this writer, in order
@@ -316,9 +317,9 @@ class ExperienceWriter:
 
     @property
     def pending(self) -> int:
-        """Records buffered and not yet written."""
+        """Records not yet durable: buffered, or in a flush that has not returned."""
         with self._lock:
-            return len(self._buffer)
+            return len(self._buffer) + self._in_flight
 
     def add(self, record: ExperienceRecord) -> None:
         """Buffer one record (flushing when a threshold is reached)."""
@@ -351,6 +352,7 @@ class ExperienceWriter:
         """Write everything buffered; returns the keys written by this call."""
         with self._lock:
             batch, self._buffer, self._bytes, self._oldest = self._buffer, [], 0, None
+            self._in_flight += len(batch)
         if not batch:
             return []
         groups: dict[tuple[str, datetime], list[tuple[ExperienceRecord, str, datetime]]] = {}
@@ -358,18 +360,23 @@ class ExperienceWriter:
             groups.setdefault((item[0].kind, item[2]), []).append(item)
         written: list[str] = []
         items = list(groups.items())
-        for index, ((kind, hour), group) in enumerate(items):
-            key = object_key(self.settings, kind, hour, datetime.now(UTC))
-            body = "".join(line + "\n" for _, line, _ in group).encode("utf-8")
-            try:
-                self.client.put_object(Bucket=self.settings.bucket, Key=key, Body=body, ContentType=CONTENT_TYPE,
-                                       Metadata={"records": str(len(group)), "schema-version": str(SCHEMA_VERSION)})
-            except Exception as exc:
-                self._requeue([item for _, rest in items[index:] for item in rest])
-                raise bucket_error(exc, self.settings) from exc
-            written.append(key)
-        with self._lock:
-            self.written.extend(written)
+        try:
+            for index, ((kind, hour), group) in enumerate(items):
+                key = object_key(self.settings, kind, hour, datetime.now(UTC))
+                body = "".join(line + "\n" for _, line, _ in group).encode("utf-8")
+                try:
+                    self.client.put_object(Bucket=self.settings.bucket, Key=key, Body=body,
+                                           ContentType=CONTENT_TYPE,
+                                           Metadata={"records": str(len(group)),
+                                                     "schema-version": str(SCHEMA_VERSION)})
+                except Exception as exc:
+                    self._requeue([item for _, rest in items[index:] for item in rest])
+                    reraise(exc, self.settings, self.client)
+                written.append(key)
+        finally:
+            with self._lock:
+                self._in_flight -= len(batch)
+                self.written.extend(written)
         return written
 
     def _requeue(self, items: list[tuple[ExperienceRecord, str, datetime]]) -> None:
@@ -564,7 +571,4 @@ class ExperienceReader:
         try:
             yield from paginator.paginate(Bucket=self.settings.bucket, **params)
         except Exception as exc:
-            clear = bucket_error(exc, self.settings)
-            if clear is exc:
-                raise
-            raise clear from exc
+            reraise(exc, self.settings, self.client)

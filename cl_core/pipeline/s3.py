@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from cl_core.errors import ContinualError
 
@@ -170,9 +170,27 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
-def bucket_error(exc: BaseException, settings: S3Settings) -> BaseException:
-    """`S3Error` naming `CL_S3_BUCKET` for a missing bucket, the original exception otherwise."""
-    if error_code(exc) == "NoSuchBucket":
+def bucket_error(exc: BaseException, settings: S3Settings, client: Any = None) -> BaseException:
+    """`S3Error` naming `CL_S3_BUCKET` when the bucket does not exist, the original exception otherwise.
+
+    Some servers answer a put into a missing bucket with AccessDenied (SeaweedFS does); given the `client`, such
+    an answer is checked with HeadBucket before it is blamed on permissions."""
+    code = error_code(exc)
+    missing = code == "NoSuchBucket"
+    if not missing and client is not None and code in {"AccessDenied", "403"}:
+        try:
+            client.head_bucket(Bucket=settings.bucket)
+        except Exception as probe:
+            missing = error_code(probe) in {"404", "NoSuchBucket", "NotFound"}
+    if missing:
         return S3Error(f"S3 bucket {settings.bucket!r} does not exist at {settings.where}: create it or set "
                        "CL_S3_BUCKET to an existing bucket")
     return exc
+
+
+def reraise(exc: BaseException, settings: S3Settings, client: Any = None) -> NoReturn:
+    """Raise `bucket_error(exc, ...)`: the clear error when there is one, `exc` itself otherwise."""
+    clear = bucket_error(exc, settings, client)
+    if clear is exc:
+        raise exc
+    raise clear from exc

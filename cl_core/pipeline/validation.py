@@ -51,7 +51,7 @@ from cl_core.pipeline.experiences import (
     RawRecord,
     type_problems,
 )
-from cl_core.pipeline.s3 import S3Settings, bucket_error
+from cl_core.pipeline.s3 import S3Settings, reraise
 
 SUITE_NAME = "experience_records"
 TEXT_FIELDS = ("prompt", "response", "chosen", "rejected")
@@ -442,10 +442,7 @@ def quarantine(client: Any, settings: S3Settings, run_id: str, report: Validatio
         client.put_object(Bucket=settings.bucket, Key=key, Body="".join(lines).encode("utf-8"),
                           ContentType="application/x-ndjson", Metadata={"records": str(len(lines))})
     except Exception as exc:
-        clear = bucket_error(exc, settings)
-        if clear is exc:
-            raise
-        raise clear from exc
+        reraise(exc, settings, client)
     report.quarantine_key = key
     return key
 

@@ -40,7 +40,7 @@ from cl_core.pipeline.experiences import (
     parse_key,
     utc_now_iso,
 )
-from cl_core.pipeline.s3 import S3Settings, bucket_error, error_code
+from cl_core.pipeline.s3 import S3Settings, error_code, reraise
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class WatermarkStore:
         except ClientError as exc:
             if error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
                 return Watermark(lookback_hours=self.lookback_hours, prefix=self.settings.prefix)
-            raise bucket_error(exc, self.settings) from exc
+            reraise(exc, self.settings, self.client)
         try:
             return Watermark.from_dict(json.loads(body), prefix=self.settings.prefix, etag=response["ETag"],
                                        lookback_hours=self.lookback_hours)
@@ -216,7 +216,7 @@ class WatermarkStore:
                 if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
                     raise self._conflict(expected_previous) from exc
                 if code not in {"NotImplemented", "501"}:
-                    raise bucket_error(exc, self.settings) from exc
+                    reraise(exc, self.settings, self.client)
                 log.warning("%s does not support conditional puts; falling back to re-read and compare "
                             "(not atomic)", self.settings.where)
         current = self.load()
