@@ -1,8 +1,9 @@
 """Real services for the pipeline tests, on free loopback ports in temporary directories.
 
 Each session fixture starts its service only when a test asks for it, waits until it is healthy, and stops its
-whole process group at the end of the session. They use the stack's own `Service` classes
-(`cl_core.pipeline.stack`), so the tests exercise the same start/health/stop code as `infra/stack.sh`.
+whole process group at the end of the session (if pytest itself is killed, Linux sends the server SIGTERM). They
+use the stack's own `Service` classes (`cl_core.pipeline.stack`), so the tests exercise the same
+start/health/stop code as `infra/stack.sh`.
 
 - `s3_service`     -> `S3Endpoint`: endpoint_url, access_key, secret_key, region, client() (SeaweedFS)
 - `s3_bucket`      -> (bucket_name, boto3 client): a fresh, empty bucket per test, removed afterwards
@@ -56,6 +57,7 @@ def _start(make: callable, attempts: int = 3) -> Service:
     last: Exception | None = None
     for _ in range(attempts):
         service = make()
+        service.die_with_parent = True  # a killed pytest leaves no servers behind
         try:
             service.start()
             service.wait_healthy()

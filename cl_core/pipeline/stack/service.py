@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +179,9 @@ class Service:
         self.state_dir = Path(state_dir).resolve()
         self.port = port
         self.cwd = self.state_dir
+        # Tests set this: the server gets SIGTERM when the thread that started it exits, so a killed pytest
+        # leaves no servers behind. The stack CLI leaves it off: its servers must outlive `up`.
+        self.die_with_parent = False
         self._proc: subprocess.Popen | None = None
 
     # --- what subclasses define -------------------------------------------------------------------------
@@ -267,7 +270,9 @@ class Service:
             log.flush()
             try:
                 self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              env=env, cwd=self.cwd, start_new_session=True)
+                                              env=env, cwd=self.cwd, start_new_session=True,
+                                              preexec_fn=_term_with_parent(os.getpid()) if self.die_with_parent
+                                              else None)
             except OSError as exc:
                 raise ServiceStartError(self.name, f"could not execute {cmd[0]}: {exc}", self.log_path) from exc
         PidRecord(pid=self._proc.pid, command=cmd, ports=self.ports(), started=time.time(),
@@ -332,6 +337,18 @@ class Service:
         if not self.running():
             return "stopped"
         return "healthy" if self.healthy() else "unhealthy"
+
+
+def _term_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: ask Linux to SIGTERM the child when its parent goes (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 def _signal_all(sid: int, members: Sequence[int], sig: signal.Signals) -> None:
