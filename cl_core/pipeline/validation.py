@@ -23,8 +23,9 @@ Rules (the names `failed` uses):
   80% of the characters are letters, digits, punctuation, spaces or printable ASCII: not binary, emoji or
   box-drawing noise).
 
-Cost: the GX import is ~4 s once per process; validating 1,000 records is well under a second (measured in
-tests/pipeline/test_validation.py and reported in `statistics["seconds"]`). Nothing here calls GX per record.
+Cost: the GX import is ~4 s once per process; validating 1,000 records takes about a second on 2 shared CPU
+cores, tokenizer included (measured in tests/pipeline/test_validation.py, reported in `statistics["seconds"]`).
+Nothing here calls GX per record.
 """
 
 from __future__ import annotations

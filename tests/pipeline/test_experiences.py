@@ -413,6 +413,36 @@ def test_concurrent_commits_conflict(s3, conditional: bool) -> None:
 
 
 @pytest.mark.integration
+def test_simultaneous_commits_exactly_one_wins(s3) -> None:
+    """If-Match is checked atomically by the server: of several runs committing at once, one succeeds."""
+    client, settings = s3
+    store, reader = WatermarkStore(client, settings), ExperienceReader(client, settings)
+    write(client, settings, one_of_each())
+    base = pull(reader, store.load())
+    store.commit(base.new_watermark, base.watermark)
+    write(client, settings, [interaction("One more?", "Yes.")])
+    runs = [pull(reader, store.load()) for _ in range(6)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(runs))
+
+    def commit(run) -> None:
+        barrier.wait()
+        try:
+            store.commit(run.new_watermark, run.watermark)
+            outcomes.append("won")
+        except WatermarkConflict:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=commit, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["refused"] * 5 + ["won"]
+    assert pull(reader, store.load()).objects == []
+
+
+@pytest.mark.integration
 def test_a_corrupted_watermark_is_an_error_not_a_restart(s3) -> None:
     client, settings = s3
     store = WatermarkStore(client, settings)
