@@ -28,10 +28,13 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cl_core.errors import InvalidInputError
 from cl_core.pipeline.s3 import S3Settings, S3Unavailable, error_code, reraise
+
+if TYPE_CHECKING:
+    from cl_core.pipeline.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +386,7 @@ class ExperienceWriter:
         with self._lock:
             self._buffer[:0] = items
             self._bytes += sum(len(line.encode("utf-8")) + 1 for _, line, _ in items)
-            self._oldest = self._oldest or time.monotonic()
+            self._oldest = time.monotonic()  # the background flush retries after max_delay_s, not every tick
 
     def _flush_periodically(self) -> None:
         assert self.max_delay_s is not None
@@ -397,13 +400,14 @@ class ExperienceWriter:
                     log.exception("background flush of experience records failed; will retry")
 
     def close(self) -> None:
-        """Flush what is buffered and refuse further records (raises if the final flush fails)."""
+        """Refuse further records and flush what is buffered (raises if the final flush fails; the records then
+        stay in `pending` and a later `flush()` may retry)."""
+        with self._lock:
+            self._closed = True
         self._stop.set()
         if self._timer is not None:
             self._timer.join(timeout=5)
         self.flush()
-        with self._lock:
-            self._closed = True
 
     def __enter__(self) -> ExperienceWriter:
         return self
@@ -527,8 +531,8 @@ class ExperienceReader:
                 yield ObjectRef(key=obj["Key"], size=int(obj.get("Size", 0)), etag=str(obj.get("ETag", "")),
                                 kind=kind, hour=info.hour, last_modified=obj.get("LastModified"))
 
-    def list_new(self, watermark: Any, limit: int | None = None) -> list[ObjectRef]:
-        """Objects not yet processed according to `watermark` (a `watermark.Watermark`), oldest partition first.
+    def list_new(self, watermark: Watermark, limit: int | None = None) -> list[ObjectRef]:
+        """Objects not yet processed according to `watermark`, oldest partition first.
 
         Per kind, listing starts at the watermark's horizon (its newest processed hour minus the lookback) and
         skips keys the watermark has processed, so a late object in an already-passed hour is still found and

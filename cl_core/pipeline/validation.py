@@ -57,6 +57,7 @@ from cl_core.pipeline.s3 import S3Settings, reraise
 SUITE_NAME = "experience_records"
 TEXT_FIELDS = ("prompt", "response", "chosen", "rejected")
 MIN_TEXT_FRACTION = 0.8
+TEXT_WINDOW = 10
 MALFORMED = "malformed_json"
 
 ID_REGEX = r"^[0-9a-f]{32}$"
@@ -138,13 +139,13 @@ class ValidationReport:
 
 
 def readable_fraction(text: str) -> float:
-    """Share of characters that are letters, marks, digits, punctuation, separators or printable ASCII (symbols
-    like + = < > count; emoji, box drawing, private-use, unassigned and control characters do not)."""
-    if not text:
-        return 1.0
-    readable = sum(1 for char in text if " " <= char <= "~" or char in "\t\n\r"
-                   or (char > "\x7f" and unicodedata.category(char)[0] in "LMNPZ"))
-    return readable / len(text)
+    """1 - the share of characters that are not letters, marks, digits, punctuation, separators or printable ASCII
+    (symbols like + = < > are fine; emoji, box drawing, private-use, unassigned and control characters are not).
+    The share is taken over at least `TEXT_WINDOW` characters, so a short answer may carry an emoji or two
+    ("OK 👍") while a run of them fails."""
+    odd = sum(1 for char in text if not (" " <= char <= "~" or char in "\t\n\r"
+                                         or (char > "\x7f" and unicodedata.category(char)[0] in "LMNPZ")))
+    return 1.0 - odd / max(len(text), TEXT_WINDOW)
 
 
 def _encodable(text: str) -> str:

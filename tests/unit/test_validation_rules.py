@@ -42,6 +42,7 @@ GOOD = [
     label("Classify: 'book a table for two'", "restaurant_reservation", task="intent"),
     interaction("Rate this café in Zürich", "Great coffee 👍, friendly staff — 4/5 stars."),
     interaction("Compute 3*4+1", "3*4+1 = 13"),
+    rating("Thanks!", "OK 👍", reward=1.0),
 ]
 
 
@@ -217,7 +218,8 @@ def test_readable_fraction() -> None:
     assert readable_fraction("Hello, world!") == 1.0
     assert readable_fraction("नमस्ते") == 1.0  # combining vowel signs are marks, readable
     assert readable_fraction("a<=b || c>=d") == 1.0  # ASCII symbols count
-    assert readable_fraction("\u2500" * 3 + "a") == 0.25
+    assert readable_fraction("OK 👍") == pytest.approx(0.9)  # short texts: over a 10-character window
+    assert readable_fraction("\u2500" * 15 + "abcde") == pytest.approx(0.25)
 
 
 def test_data_docs(report, tmp_path) -> None:
