@@ -47,7 +47,8 @@ class S3Settings:
     secret_access_key: str | None = None
     connect_timeout: float = 2.0
     read_timeout: float = 10.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # per request, the first included: a refused endpoint fails in well under a second,
+    # one that drops packets in about max_attempts * connect_timeout plus backoff
 
     def __post_init__(self) -> None:
         if not self.bucket or "/" in self.bucket:
@@ -135,7 +136,7 @@ def make_client(settings: S3Settings | None = None) -> Any:
         region_name=settings.region,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
         s3={"addressing_style": "path"},
     )
     client = boto3.client("s3", endpoint_url=settings.endpoint_url, aws_access_key_id=settings.access_key_id,
