@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The local stack on loopback: SeaweedFS (S3), MLflow server, Prefect server + worker, vLLM OpenAI server.
 #   infra/stack.sh up [--only s3,mlflow,...]     start what is not running, wait until healthy, print the URLs,
-#                                                write .state/stack/env.sh (source it to point clients at the stack)
+#                                                write .state/stack/env.sh (source it to point clients at the stack),
+#                                                register the pipeline's Prefect deployments (python -m flows.deploy;
+#                                                --no-deploy or CL_STACK_DEPLOY=0 skips it)
 #   infra/stack.sh down [--only ...]             stop what up started (idempotent)
 #   infra/stack.sh status [--only ...]           each service and its health (exit 1 when one is not healthy)
 # Ports and paths: flags (--s3-port, --mlflow-port, --prefect-port, --worker-port, --vllm-port, --vllm-model,

@@ -116,12 +116,20 @@ def test_prefect_work_pool_exists_and_worker_polls_it(stack: Stack) -> None:
     assert any(w.name == "cl-local-worker" for w in workers)
 
 
-def test_second_up_is_harmless(stack: Stack) -> None:
+def test_second_up_is_harmless_and_registers_the_deployments(stack: Stack) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     before = _pids(stack)
     out = _cli(stack.config, "up", "--only", ",".join(CORE))
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("already running") == len(CORE)
     assert _pids(stack) == before
+    assert "deployments registered on work pool cl-local" in out.stdout
+    with temporary_settings(updates={PREFECT_API_URL: stack.services()["prefect"].api_url}), \
+            get_client(sync_client=True) as client:
+        scheduled = client.read_deployment_by_name("periodic-learning/scheduled")
+    assert scheduled.work_pool_name == "cl-local" and scheduled.schedules
     status = _cli(stack.config, "status", "--only", ",".join(CORE))
     assert status.returncode == 0 and status.stdout.count("healthy") == len(CORE), status.stdout
     assert _cli(stack.config, "status").returncode == 1  # vllm is not running: status says so

@@ -7,11 +7,13 @@ healthy; 2 bad usage or settings.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from cl_core.pipeline.stack.service import StackError
-from cl_core.pipeline.stack.stack import SERVICES, Stack, StackConfig
+from cl_core.pipeline.stack.stack import REPO_ROOT, SERVICES, Stack, StackConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,18 +30,22 @@ def _parser() -> argparse.ArgumentParser:
             ("--adapter-dir", "adapter_dir", Path)]
     for flag, dest, kind in opts:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=f"env {StackConfig.ENV[dest]}")
+    parser.add_argument("--no-deploy", action="store_true",
+                        help="up: do not register the pipeline's Prefect deployments (python -m flows.deploy) once "
+                             "the worker is up (env CL_STACK_DEPLOY=0)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "only")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "only", "no_deploy")}
+    deploy = not args.no_deploy and os.environ.get("CL_STACK_DEPLOY", "1") != "0"
     try:
         stack = Stack(StackConfig.from_env(**overrides))
         names = stack.select(only)
         if args.command == "up":
-            return _up(stack, names)
+            return _up(stack, names, deploy)
         if args.command == "down":
             for name, was_running in stack.down(names):
                 print(f"  {name:8s} {'stopped' if was_running else 'not running'}")
@@ -53,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _up(stack: Stack, names: list[str]) -> int:
+def _up(stack: Stack, names: list[str], deploy: bool) -> int:
     print(f"bringing up {', '.join(names)} (state: {stack.config.state_dir})", flush=True)
     result = stack.up(names)
     for failure in result.failures():
@@ -69,6 +75,23 @@ def _up(stack: Stack, names: list[str]) -> int:
     for name in names:
         print(f"  {labels[name]:16s} {urls[name]}")
     print(f"\nclient environment: source {stack.config.env_path}")
+    if deploy and "worker" in names and (REPO_ROOT / "flows" / "deploy.py").is_file():
+        return _register_deployments(stack)
+    return 0
+
+
+def _register_deployments(stack: Stack) -> int:
+    """Register the pipeline's deployments (idempotent) so the worker has the scheduled runs to execute."""
+    print("registering the pipeline's Prefect deployments (python -m flows.deploy) ...", flush=True)
+    env = {**os.environ, **stack.config.client_env()}
+    out = subprocess.run([sys.executable, "-m", "flows.deploy", "--work-pool", stack.config.work_pool], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-20:])
+        print(f"error: the stack is up, but registering the deployments failed (python -m flows.deploy, exit "
+              f"{out.returncode}):\n{tail}", file=sys.stderr)
+        return 1
+    print(f"  deployments registered on work pool {stack.config.work_pool}: {stack.urls()['prefect']}/deployments")
     return 0
 
 
