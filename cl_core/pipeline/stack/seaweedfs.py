@@ -69,6 +69,9 @@ class SeaweedFS(Service):
     def ports(self) -> list[int]:
         return [self.port + i for i in range(PORT_BLOCK)]
 
+    def port_setting(self, port: int) -> str | None:
+        return f"{self.port_env} (SeaweedFS listens on {self.port}-{self.port + PORT_BLOCK - 1})"
+
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 

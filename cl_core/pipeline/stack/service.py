@@ -45,7 +45,7 @@ class PortInUseError(StackError):
 
     def __init__(self, service: str, port: int, env_var: str | None) -> None:
         self.service, self.port, self.env_var = service, port, env_var
-        fix = f"set {env_var} (or the matching --flag) to a free port" if env_var else "choose another port"
+        fix = f"set {env_var} to a free port (or pass the matching --flag)" if env_var else "choose another port"
         super().__init__(f"service {service!r}: port {port} on 127.0.0.1 is already in use by another process; "
                          f"stop that process or {fix}")
 
@@ -206,6 +206,10 @@ class Service:
     def after_healthy(self) -> None:
         """Work once the server answers (buckets, work pools)."""
 
+    def port_setting(self, port: int) -> str | None:
+        """The setting that moves `port` (named in the error when that port is taken)."""
+        return self.port_env if port == self.port else None
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -260,7 +264,7 @@ class Service:
             return
         for port in self.ports():
             if not port_is_free(port):
-                raise PortInUseError(self.name, port, self.port_env if port == self.port else None)
+                raise PortInUseError(self.name, port, self.port_setting(port))
         self.prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
