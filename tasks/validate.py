@@ -23,7 +23,8 @@ def validate_experiences(config: PipelineConfig, pulled: Any, run_id: str) -> An
     report = validate(pulled.records, pulled.raw_invalid,
                       token_count=lambda prompt, answer: len(encode_pair(tok, prompt, answer).input_ids),
                       max_tokens=config.max_tokens, max_invalid_fraction=config.validation.max_invalid_fraction)
-    docs = write_data_docs(report, Path(config.state_dir) / "runs" / run_id / "data_docs")
+    docs_dir = Path(config.state_dir) / "runs" / run_id / "data_docs"
+    page = write_data_docs(report, docs_dir, run_name=run_id)
     quarantined = None
     if report.invalid:
         client, settings = clients.s3(config)
@@ -39,9 +40,9 @@ def validate_experiences(config: PipelineConfig, pulled: Any, run_id: str) -> An
                   f"(threshold {config.validation.max_invalid_fraction:.0%})\n\n"
                   + (f"Quarantined to `{quarantined}`\n\n| failed expectation | records |\n|---|---|\n{rows}\n"
                      if report.invalid else "Every record passed.\n")))
-    create_link_artifact(key="data-docs", link=Path(docs).resolve().as_uri(), link_text="Validation data docs",
+    create_link_artifact(key="data-docs", link=Path(page).resolve().as_uri(), link_text="Validation data docs",
                          description="Great Expectations data docs of this run's validation")
-    report.data_docs = docs
+    report.data_docs = docs_dir  # the whole site goes to MLflow with the version
     report.quarantine_key = quarantined
     check_threshold(report, config.validation.max_invalid_fraction)
     return report
