@@ -161,10 +161,12 @@ def evaluate_items(server: str | VLLMServer, tokenizer: Any, model_name: str, it
     `max_tokens` is raised to fit the longest reference (+4 tokens), so a long reference is never cut short
     and marked wrong for that reason alone.
     """
-    server = server if isinstance(server, VLLMServer) else VLLMServer(server)
     items = list(items)
     if not items:
         return []
+    if not isinstance(server, VLLMServer):
+        with VLLMServer(server) as client:
+            return evaluate_items(client, tokenizer, model_name, items, max_tokens)
     tokenizer = load_tokenizer(tokenizer)
     longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items)
     outputs = server.chat(model_name, [item.prompt for item in items], max_tokens=max(max_tokens, longest + 4))
@@ -255,10 +257,13 @@ def compare(server: str | VLLMServer, tokenizer: Any, candidate: str, champion: 
             replayed: Iterable[Any] = (), max_tokens: int = DEFAULT_MAX_TOKENS) -> EvaluationReport:
     """Evaluate the candidate and the champion (a served name, or "base" before the first promotion) on the same
     items through the same server; empty groups are left out of both sides."""
-    server = server if isinstance(server, VLLMServer) else VLLMServer(server)
     if candidate == champion:
         raise InvalidInputError(f"candidate and champion are the same name '{candidate}': load the candidate "
                                 f"under its own name first")
+    if not isinstance(server, VLLMServer):
+        with VLLMServer(server) as client:
+            return compare(client, tokenizer, candidate, champion, heldout, corrections, probes, replayed, max_tokens)
+    tokenizer = load_tokenizer(tokenizer)  # once for both sides
     items = (as_items("heldout", heldout) + as_items("corrections", corrections) + as_items("probe", probes)
              + as_items("replay", replayed))
     start = time.perf_counter()
