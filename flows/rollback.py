@@ -25,8 +25,9 @@ class NothingToRollBackTo(ContinualError):
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(version: int | None = None, config_path: str | None = None, reason: str = "rollback") -> dict[str, Any]:
-    config = PipelineConfig.load(config_path)
+def rollback(version: int | None = None, config_path: str | None = None, reason: str = "rollback",
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = PipelineConfig.load(config_path, **(overrides or {}))
     registry = clients.registry(config)
     current = registry.version_for("champion")
     target = version if version is not None else previous_champion(registry, current)

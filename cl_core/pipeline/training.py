@@ -21,7 +21,7 @@ from typing import Any
 
 from cl_core.continual import ContinualLLM
 from cl_core.engine import DetachedEngine
-from cl_core.errors import NothingToLearnError
+from cl_core.errors import ConfigError, NothingToLearnError
 from cl_core.models import model_fingerprint, resolve_model
 from cl_core.pipeline.config import PipelineConfig
 
@@ -88,7 +88,8 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
     continual = config.training.continual.replace(work_dir=str(work_dir / "model"))
     engine = DetachedEngine.for_config(continual)
     if champion_checkpoint is not None:
-        model = ContinualLLM.load_checkpoint(champion_checkpoint, engine=engine, work_dir=str(work_dir / "model"))
+        model = ContinualLLM.load_checkpoint(champion_checkpoint, engine=engine,
+                                             **continuing_overrides(champion_checkpoint, continual))
     else:
         model = ContinualLLM(continual, engine=engine)
     try:
@@ -124,6 +125,33 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
                                tasks=list(report.tasks))
     finally:
         model.close()
+
+
+# What an adapter *is* (its shape and its methods' state) cannot change while continuing it; everything else in
+# `training:` (learning rates, steps, batch size, replay ratio, EWC strength...) applies from the next run on.
+# (The base model is checked by `load_checkpoint` itself, by weight fingerprint.)
+STRUCTURAL_FIELDS = ("lora_rank", "lora_alpha", "target_modules", "anti_forgetting", "max_tasks", "num_adapters",
+                     "replay_strategy")
+
+
+def continuing_overrides(checkpoint: Path, continual: Any) -> dict[str, Any]:
+    """The config changes a run applies to the champion's checkpoint; a structural change is refused."""
+    import json
+
+    saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    wanted = continual.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in STRUCTURAL_FIELDS
+               if _norm(saved.get(k)) != _norm(wanted[k])]
+    if changed:
+        raise ConfigError(
+            "training config changes what the champion's adapter is (" + "; ".join(changed) + "). An adapter "
+            "cannot change shape or methods while it keeps learning: revert these fields, or start a new lineage "
+            "(a new model_name in the pipeline config) that trains from the base model.")
+    return {k: v for k, v in wanted.items() if k not in STRUCTURAL_FIELDS and k not in ("model", "store_path")}
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _ingest(model: ContinualLLM, records: Sequence[Any]) -> list[tuple[int, QA]]:

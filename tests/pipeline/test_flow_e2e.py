@@ -124,7 +124,7 @@ def test_a_round_registers_promotes_and_serves_the_new_version(pipeline_env: dic
 
     # A candidate the gate rejects is registered with its reasons and not served.
     _seed(env, labels=4)
-    rejected = _run(env, gate={"min_heldout_gain": 2.0})
+    rejected = _run(env, gate={"max_probe_regression": -1.0})  # "must beat the champion by 100%"
     assert rejected.is_completed(), rejected.message
     result = rejected.result()
     assert not result["promoted"] and result["version"] == 2
@@ -140,7 +140,7 @@ def test_a_round_registers_promotes_and_serves_the_new_version(pipeline_env: dic
     assert registry.get(3).tags.get("parent_version") == "1"
     from flows.rollback import rollback
 
-    out = rollback(version=1)
+    out = rollback(version=1, overrides=env["overrides"])
     assert out["changed"] and registry.version_for("champion") == 1
     assert _models(env)[env["stable"]] == served[f"{env['stable']}@v1"]
 
@@ -164,9 +164,18 @@ def test_outages_and_a_refused_adapter_leave_the_champion_serving(pipeline_env: 
     assert state.is_failed()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["mlflow"])
 
-    # The server refuses a rank-32 adapter (it serves rank ≤ 16): the run fails at evaluation.
+    # A config that changes the adapter's shape is refused before training (the champion's adapter is rank 8).
     state = _run(env, training={**env["overrides"]["training"], "lora_rank": 32})
-    assert state.is_failed()
+    assert state.is_failed() and "lora_rank" in str(state.message)
+
+    # A new lineage at rank 32: the server (max LoRA rank 16) refuses the candidate; the run fails at evaluation,
+    # nothing is registered, and the champion of the first lineage keeps serving.
+    state = _run(env, model_name=env["model_name"] + "-r32",
+                 training={**env["overrides"]["training"], "lora_rank": 32})
+    assert state.is_failed() and "rank" in str(state.message).lower(), state.message
+    from cl_core.pipeline.registry import AdapterRegistry
+
+    assert AdapterRegistry(env["mlflow"], model_name=env["model_name"] + "-r32").versions() == []
     assert registry.version_for("champion") == 1 and _models(env)[env["stable"]] == before
 
     # Nothing was half-done: the same batch is still there, and a healthy run learns it.
