@@ -15,6 +15,7 @@ from tasks import clients
 @task(name="train-candidate")
 def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> Any:
     """A candidate adapter trained on the valid records, continuing the champion (on GPU when there is one)."""
+    from cl_core.pipeline.training import load_anchor_prompts
     from cl_core.pipeline.training import train_candidate as train
 
     work = Path(config.state_dir) / "runs" / run_id / "train"
@@ -22,7 +23,20 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
     parent = registry.version_for("champion")
     checkpoint = (registry.download_checkpoint(parent, work.parent / "champion", overwrite=True)
                   if parent is not None else None)
-    outcome = train(config, records, work, checkpoint, parent)
+    anchors: list[tuple[str, str]] = []
+    prompts = load_anchor_prompts(config.training.anchors) if parent is None else []
+    if prompts:  # a new lineage: rehearse what the served model answers today
+        from cl_core.pipeline.serving import VLLMServer
+
+        limit = 96
+        tok = clients.tokenizer(config)
+        with VLLMServer(config.endpoints.vllm_urls[0]) as server:
+            served = config.stable_name if config.stable_name in server.models() else "base"
+            answers = server.chat(served, prompts, max_tokens=limit)
+        # Only answers the model finished: a cut-off answer would teach it to stop mid-sentence.
+        anchors = [(p, a) for p, a in zip(prompts, answers, strict=True)
+                   if a.strip() and len(tok(a, add_special_tokens=False)["input_ids"]) < limit - 1]
+    outcome = train(config, records, work, checkpoint, parent, anchors=anchors)
     s = outcome.stats
     create_markdown_artifact(
         key="training", description="Candidate training",

@@ -61,6 +61,10 @@ class TrainingSettings:
     correction_rounds: bool = True
     """After the round, corrections the learner does not yet answer as corrected get a margin-driven
     `learn_from_correction` each (what users corrected is what they check first)."""
+    anchors: str | None = "default"
+    """Retention anchors for a new lineage (self-rehearsal): prompts whose answers by the served base model become
+    the lineage's first task, so replay rehearses them and EWC's Fisher is measured on them. "default" = the
+    packaged cl_core/pipeline/anchors.json, a path = your own JSON (`{"prompts": [...]}`), null = none."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:

@@ -74,9 +74,31 @@ def split_batch(records: Sequence[Any], heldout_fraction: float) -> tuple[list[A
     return train, heldout
 
 
+def load_anchor_prompts(spec: str | None) -> list[str]:
+    """The anchor prompts named by `training.anchors` ("default", a JSON path, or None)."""
+    import json
+
+    if spec is None:
+        return []
+    path = Path(__file__).with_name("anchors.json") if spec == "default" else Path(spec)
+    try:
+        prompts = json.loads(path.read_text())["prompts"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"training.anchors: cannot read anchor prompts from {path} ({exc}); give a JSON file "
+                          '{"prompts": ["...", ...]}, "default", or null') from exc
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ConfigError(f"training.anchors: {path} must hold a non-empty list of non-empty prompt strings")
+    return prompts
+
+
 def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Path,
-                    champion_checkpoint: Path | None, parent_version: int | None) -> TrainingOutcome:
+                    champion_checkpoint: Path | None, parent_version: int | None,
+                    anchors: Sequence[tuple[str, str]] = ()) -> TrainingOutcome:
     """Continue the champion's learning on `records` (validated `ExperienceRecord`s) and save the candidate.
+
+    `anchors` ((prompt, answer the served model gives) pairs) start a new lineage: they are learned first as task
+    "anchor" (a near no-op for the weights, since they are the model's own answers), which puts them in the
+    replay memory and gives EWC a Fisher of the model's general behaviour before the first real batch.
 
     Raises `NothingToLearnError` when the batch has nothing to train on (e.g. only already ingested records or
     only negative ratings): the pipeline then ends the run without a candidate.
@@ -93,6 +115,11 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
     else:
         model = ContinualLLM(continual, engine=engine)
     try:
+        anchor_steps = 0
+        if anchors and champion_checkpoint is None:
+            model.store.add_many([{"prompt": p, "response": a, "task": "anchor", "metadata": {"kind": "anchor"}}
+                                  for p, a in anchors])
+            anchor_steps = model.learn(epochs=1).steps
         replayed = [QA(e.prompt, e.response, e.task) for e in
                     model.store.sample(config.evaluation.replay_probes, "uniform", learned_only=True)]
         train, heldout = split_batch(records, config.evaluation.heldout_fraction)
@@ -115,7 +142,8 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
                  "heldout_records": len(heldout), "corrections": len(corrections), "correction_rounds": fixed,
                  "steps": report.steps, "skipped_steps": report.skipped_steps, "replayed_examples":
                  report.num_replayed, "loss_before": _finite(report.loss_before),
-                 "loss_after": _finite(report.loss_after), "train_seconds": round(time.perf_counter() - started, 2),
+                 "loss_after": _finite(report.loss_after), "anchor_steps": anchor_steps,
+                 "train_seconds": round(time.perf_counter() - started, 2),
                  "store_size": model.store.count()}
         model_path = resolve_model(continual.model)
         return TrainingOutcome(checkpoint_dir=checkpoint, adapter_dir=checkpoint / "adapters" / f"v{version.version}",
