@@ -32,7 +32,8 @@ def deploy(config_path: str | None = None, work_pool: str = WORK_POOL) -> list[s
             ("flows/rollback.py:rollback", "on-demand", dict(parameters=params)),
             ("flows/forgetting_experiment.py:forgetting_experiment", "on-demand", {})):
         source = flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint)
-        ids.append(str(source.deploy(name=name, work_pool_name=work_pool, print_next_steps=False, **kwargs)))
+        ids.append(str(source.deploy(name=name, work_pool_name=work_pool, print_next_steps=False,
+                                     ignore_warnings=True, **kwargs)))
     return ids
 
 

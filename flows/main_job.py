@@ -15,6 +15,8 @@ Re-running is safe: the seed records have content-derived ids, so a second run f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print("[bold]1. Deployments registered[/] (periodic-learning on its schedule, rollback, "
                   "forgetting-experiment)")
-    deploy(args.config)
+    with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment
+        deploy(args.config)
     questions = [q for q, _, _ in WRONG_FACTS] + list(RETENTION_QUESTIONS)
     before_model = served_name(config)
     before = ask(config, questions, before_model)

@@ -6,12 +6,15 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cl_core.pipeline.config import PipelineConfig
 
 
-@task(name="gate-candidate")
+@task(name="gate-candidate", cache_policy=INPUTS + TASK_SOURCE)
 def gate_candidate(config: PipelineConfig, evaluation: Any) -> Any:
+    """A pure function of the metrics and the rules, so its result is cached on exactly those inputs: a retried
+    run (or a re-evaluation that measured the same numbers) gets the recorded decision back."""
     from cl_core.pipeline.gate import GateRules, decide
 
     decision = decide(evaluation.candidate, evaluation.champion, GateRules.from_mapping(config.gate))
