@@ -122,8 +122,9 @@ def main() -> int:
     print_table("Pipeline stages (default model)", ["stage", "seconds"],
                 [(k, v) for k, v in summary["stage_seconds"].items()] + [("whole flow", round(flow_seconds, 1))])
     print_table("Serving under load", ["", "tok/s", "req/s", "p50 ms", "p95 ms", "failed"],
-                [(name, r["tokens_per_s"], r["requests_per_s"], r["latency_ms"].get("p50_ms"), r["latency_ms"].get("p95_ms"),
-                  r["failed"]) for name, r in (("idle", idle), ("during pipeline run", during))])
+                [(name, r["tokens_per_s"], r["requests_per_s"], r["latency_ms"].get("p50_ms"),
+                  r["latency_ms"].get("p95_ms"), r["failed"]) for name, r in (("idle", idle),
+                                                                              ("during pipeline run", during))])
     console.print(f"outcome: {summary['outcome']}; promotion latency (gate decision -> first response from the "
                   f"promoted version): {summary['promotion_seconds']} s")
     result = {**info, "outcome": summary["outcome"], "stage_seconds": summary["stage_seconds"],
