@@ -125,32 +125,48 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
         train, heldout = split_batch(records, config.evaluation.heldout_fraction)
         known = model.store.metadata_values("record_id", [r.id for r in train])
         fresh = [r for r in train if r.id not in known]
-        corrections = _ingest(model, fresh)
-        if not model.store.count(pending_only=True) and not corrections:
+        margin_driven = config.training.correction_rounds
+        corrections = [r for r in fresh if r.kind == "correction"]
+        _ingest(model, [r for r in fresh if r.kind != "correction" or not margin_driven])
+        report = None
+        if model.store.count(pending_only=True):
+            try:
+                report = model.learn(epochs=config.training.epochs)
+            except NothingToLearnError:  # only negative ratings: kept for preference learning, not imitated
+                report = None
+        if report is None and not corrections:
             raise NothingToLearnError(f"nothing new to train on: {len(train) - len(fresh)} of {len(train)} "
                                       "records were already learned by the champion, the rest are negative ratings")
-        report = model.learn(epochs=config.training.epochs)
         fixed = 0
-        if config.training.correction_rounds:
-            for exp_id, qa in corrections:
-                if model.correction_margin(qa.prompt, qa.answer) < continual.correction_margin:
+        if margin_driven:
+            # A correction is trained until it is the greedy answer with `correction_margin` to spare, and no
+            # further: epochs over a handful of facts drive their loss to ~0 and drag neighbouring knowledge along
+            # (measured: "the capital of Russia is St. Petersburg" after ten capital corrections).
+            for r in corrections:
+                exp_id = _ingest_correction(model, r)
+                if model.correction_margin(r.prompt, r.chosen) < continual.correction_margin:
                     model.reinforce_correction(exp_id)
                     fixed += 1
+                else:
+                    model.store.mark_learned([exp_id])
         version = model.current_version
+        if version is None or (parent_version is not None and report is None and not fixed):
+            raise NothingToLearnError("the champion already answers every new record as asked; nothing changed")
         checkpoint = model.save_checkpoint(work_dir / "checkpoint")
         stats = {"records": len(records), "trained_records": len(fresh), "already_learned": len(train) - len(fresh),
                  "heldout_records": len(heldout), "corrections": len(corrections), "correction_rounds": fixed,
-                 "steps": report.steps, "skipped_steps": report.skipped_steps, "replayed_examples":
-                 report.num_replayed, "loss_before": _finite(report.loss_before),
-                 "loss_after": _finite(report.loss_after), "anchor_steps": anchor_steps,
+                 "steps": report.steps if report else 0, "skipped_steps": report.skipped_steps if report else 0,
+                 "replayed_examples": report.num_replayed if report else 0,
+                 "loss_before": _finite(report.loss_before) if report else None,
+                 "loss_after": _finite(report.loss_after) if report else None, "anchor_steps": anchor_steps,
                  "train_seconds": round(time.perf_counter() - started, 2),
                  "store_size": model.store.count()}
         model_path = resolve_model(continual.model)
         return TrainingOutcome(checkpoint_dir=checkpoint, adapter_dir=checkpoint / "adapters" / f"v{version.version}",
                                version=version.version, parent_version=parent_version, base_model=continual.model,
                                base_fingerprint=model_fingerprint(model_path), heldout=heldout,
-                               corrections=[qa for _, qa in corrections], replayed=replayed, stats=stats,
-                               tasks=list(report.tasks))
+                               corrections=[QA(r.prompt, r.chosen, r.task) for r in corrections],
+                               replayed=replayed, stats=stats, tasks=sorted({r.task for r in fresh}))
     finally:
         model.close()
 
@@ -182,21 +198,29 @@ def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _ingest(model: ContinualLLM, records: Sequence[Any]) -> list[tuple[int, QA]]:
-    """Store the batch; returns the corrections' store ids. Each row remembers its S3 record id, so a record
-    seen again (a retried run) is never added twice."""
-    rows, corrections = [], []
+def _ingest(model: ContinualLLM, records: Sequence[Any]) -> None:
+    """Store the batch for `learn()`. Each row remembers its S3 record id, so a record seen again (a retried run)
+    is never added twice."""
+    rows = []
     for r in records:
-        meta = {"record_id": r.id, "kind": r.kind, "source": r.source or ""}
         if r.kind == "correction":
-            exp_id = model.store.add(r.prompt, r.chosen, reward=1.0, task=r.task, kind="correction", metadata=meta)
-            model.store.add_preference(r.prompt, r.chosen, r.rejected, task=r.task, experience_id=exp_id)
-            corrections.append((exp_id, QA(r.prompt, r.chosen, r.task)))
+            _ingest_correction(model, r)
         else:
             rows.append({"prompt": r.prompt, "response": r.response, "reward": r.reward, "task": r.task,
-                         "metadata": meta})
+                         "metadata": _meta(r)})
     model.store.add_many(rows)
-    return corrections
+
+
+def _ingest_correction(model: ContinualLLM, r: Any) -> int:
+    """A correction is an experience of its chosen answer (top priority, never imitated wrong) and a preference
+    pair (chosen over rejected) for preference learning."""
+    exp_id = model.store.add(r.prompt, r.chosen, reward=1.0, task=r.task, kind="correction", metadata=_meta(r))
+    model.store.add_preference(r.prompt, r.chosen, r.rejected, task=r.task, experience_id=exp_id)
+    return exp_id
+
+
+def _meta(r: Any) -> dict[str, Any]:
+    return {"record_id": r.id, "kind": r.kind, "source": r.source or ""}
 
 
 def _finite(value: float) -> float | None:
