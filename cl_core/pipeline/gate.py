@@ -5,7 +5,7 @@ numbers the evaluation step measured. It is pure (no I/O, no MLflow), so the Pre
 tests all get the same answer from the same numbers.
 
 Inputs are two flat mappings of metric name -> value, one per model, with the names that `evaluation.py` produces
-(`heldout_exact`, `corrections_exact`, `replay_exact`, `probe_exact`, and their `*_logprob` siblings). The
+(`heldout_exact`, `corrections_exact`, `replay_exact` / `_contains`, `probe_exact` / `_contains`, `*_logprob`). The
 `champion` mapping is the model served now; before any adapter was promoted the caller passes the base model's
 numbers the same way. `None` means nothing to compare against: only the absolute rule (corrections) can then show
 that the candidate is better. Derived values (`heldout_gain`, `retention_drop`, `probe_regression`,
@@ -211,16 +211,27 @@ def _numbers(metrics: Mapping[str, float] | None, who: str) -> dict[str, float] 
     return out
 
 
+def retention_metric(group: str, candidate: Mapping[str, float], champion: Mapping[str, float] | None) -> str:
+    """`<group>_contains` when both sides have it, else `<group>_exact`."""
+    contains = f"{group}_contains"
+    if contains in candidate and champion is not None and contains in champion:
+        return contains
+    return f"{group}_exact"
+
+
 def derive(candidate: Mapping[str, float], champion: Mapping[str, float] | None) -> dict[str, float]:
     """Derived comparison values from the two metric mappings (only those whose inputs are present).
 
     `forgetting` is the worst drop on previously known material: max(retention_drop, probe_regression).
+    Gains are measured by exact match; retention by `contains` where it was measured (the reference fact, e.g.
+    "Paris", is still in the answer: a rephrased sentence is not forgetting), else by exact match.
     """
     if champion is None:
         return {}
     derived: dict[str, float] = {}
-    for name, metric, sign in (("heldout_gain", "heldout_exact", 1.0), ("retention_drop", "replay_exact", -1.0),
-                               ("probe_regression", "probe_exact", -1.0)):
+    for name, metric, sign in (("heldout_gain", "heldout_exact", 1.0),
+                               ("retention_drop", retention_metric("replay", candidate, champion), -1.0),
+                               ("probe_regression", retention_metric("probe", candidate, champion), -1.0)):
         if metric in candidate and metric in champion:
             derived[name] = sign * (candidate[metric] - champion[metric])
     drops = [derived[n] for n in ("retention_drop", "probe_regression") if n in derived]
@@ -285,8 +296,8 @@ def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None,
     else:
         checks.append(_threshold_check("corrections_exact", cand["corrections_exact"], rules.min_corrections_exact,
                                        True, "fraction of this batch's corrections answered as corrected"))
-    relative("retention_drop", "replay_exact", rules.max_retention_drop, at_least=False)
-    relative("probe_regression", "probe_exact", rules.max_probe_regression, at_least=False)
+    relative("retention_drop", retention_metric("replay", cand, champ), rules.max_retention_drop, at_least=False)
+    relative("probe_regression", retention_metric("probe", cand, champ), rules.max_probe_regression, at_least=False)
 
     if not any(c.name in GAIN_CHECKS and not c.skipped for c in checks):
         checks.append(GateCheck("evidence_of_gain", None, None, False,

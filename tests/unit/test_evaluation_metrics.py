@@ -124,7 +124,7 @@ def _report() -> EvaluationReport:
     fixed = EvalItem("Capital of Turkey?", "Ankara.", "corrections")
     probe = EvalItem("Capital of France?", "Paris.", "probe")
     cand = [ItemResult(fixed, "Istanbul.", False, False, -2.0, 2),
-            ItemResult(probe, "Lyon | Paris", False, True, -1.0, 2)]
+            ItemResult(probe, "Lyon.", False, False, -1.0, 2)]
     champ = [ItemResult(fixed, "Istanbul.", False, False, -3.0, 2), ItemResult(probe, "Paris.", True, True, -0.5, 2)]
     c, h = summarize(cand), summarize(champ)
     return EvaluationReport("continual@v2", "continual", c, h, derive(c, h), cand, champ, seconds=1.5)
@@ -146,4 +146,4 @@ def test_report_markdown_explains_the_numbers():
     assert "Not measured (no items): heldout, replay." in text
     assert "| probe_regression | +1.000 |" in text
     assert "| Capital of Turkey? | Ankara. | Istanbul. |" in text  # the correction that did not stick
-    assert "| probe | Capital of France? | Paris. | Lyon \\| Paris |" in text  # lost by the candidate
+    assert "| probe | Capital of France? | Paris. | Lyon. |" in text  # lost by the candidate

@@ -150,3 +150,15 @@ def test_rules_from_yaml(tmp_path):
 def test_bad_metric_types_are_named():
     with pytest.raises(TypeError, match="candidate metric 'heldout_exact' must be a number"):
         decide({"heldout_exact": "0.5"}, None, GateRules())
+
+
+def test_retention_is_judged_by_the_fact_when_contains_was_measured():
+    """A rephrased answer that still holds the fact ("3 times 3 is 9." for "3 times 3 is actually 9.") is not
+    forgetting; a lost fact is."""
+    champion = {"probe_exact": 1.0, "probe_contains": 1.0, "corrections_exact": 0.0}
+    rephrased = {"probe_exact": 0.5, "probe_contains": 1.0, "corrections_exact": 1.0}
+    lost = {"probe_exact": 0.5, "probe_contains": 0.5, "corrections_exact": 1.0}
+    rules = GateRules.from_mapping({"max_probe_regression": 0.05})
+    assert decide(rephrased, champion, rules).passed
+    decision = decide(lost, champion, rules)
+    assert not decision.passed and "probe_contains" in " ".join(decision.reasons)
