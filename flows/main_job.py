@@ -32,7 +32,7 @@ from cl_core.pipeline.seed import WRONG_FACTS, malformed_object_body, seed_recor
 
 SEED_NAMESPACE = uuid.UUID("6f1c2b0e-8d7a-4c55-9a43-3f0e2d1c5b77")
 RETENTION_QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?",
-                       "What is the capital of Italy?")
+                       "What is the capital of Russia?", "What is 2+2?")
 
 
 def record_id(fields: dict[str, Any]) -> str:
@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                   "forgetting-experiment)")
     with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment
         deploy(args.config)
-    questions = [q for q, _, _ in WRONG_FACTS] + list(RETENTION_QUESTIONS)
     before_model = served_name(config)
-    before = ask(config, questions, before_model)
+    before = ask(config, [q for q, _, _ in WRONG_FACTS] + list(RETENTION_QUESTIONS), before_model)
     n = seed_s3(config)
     console.print(f"[bold]2. Seeded S3[/] with {n} experience records/objects "
                   f"(s3://{config.endpoints.s3_bucket}/experiences/...)")
@@ -100,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = state.result()
     after_model = served_name(config)
-    after = ask(config, questions, after_model)
+    corrections = [q for q, _, _ in WRONG_FACTS]
+    after = ask(config, corrections + list(RETENTION_QUESTIONS), after_model)
+    candidate = {a["prompt"]: a["candidate"] for a in summary.get("answers", [])}
+    short = {q: (candidate[q].strip().replace("\n", " ")[:70] if q in candidate else "–") for q in corrections}
 
-    table = Table(title=f"4. Answers from the vLLM server: before ({before_model}) and after ({after_model})")
-    for column in ("question", "before", "after"):
+    table = Table(title=f"4. Answers from the vLLM server: served before ({before_model}), the candidate "
+                        f"(evaluated under its own name), served after ({after_model})")
+    for column in ("question", "before", "candidate", "after"):
         table.add_column(column, overflow="fold")
-    for q, b, a in zip(questions, before, after, strict=True):
-        table.add_row(q, b, a)
+    for q, b, a in zip(corrections + list(RETENTION_QUESTIONS), before, after, strict=True):
+        table.add_row(q, b, short.get(q, "–"), a)
     console.print(table)
+    lost = [a for a in summary.get("answers", []) if a["group"] == "probe" and a["champion_ok"]
+            and not a["candidate_ok"]]
+    if lost:
+        console.print(f"   retention probes the candidate lost ({len(lost)}):")
+        for a in lost:
+            console.print(f"     {a['prompt']}  champion: {a['champion'].strip()[:50]!r}  candidate: "
+                          f"{a['candidate'].strip()[:50]!r}")
     console.print(f"[bold]5. Outcome[/] ({seconds:.0f} s): {summary['outcome']}")
     for check in summary.get("gate", {}).get("checks", []):
-        console.print(f"   gate {check.get('status', '')}: {check.get('name')} — {check.get('reason', '')}")
+        status = "skip" if check.get("skipped") else ("pass" if check.get("passed") else "FAIL")
+        console.print(f"   gate {status}: {check.get('reason', '')}")
     console.print("[bold]6. Where to look[/]")
     for label, url in (("Prefect flow run", summary.get("flow_run_url")),
                        ("MLflow model version", summary.get("version_url")),

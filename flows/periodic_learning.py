@@ -65,6 +65,9 @@ class RunSummary:
     promotion_seconds: float | None = None
     """Gate decision -> first response from the promoted version under the stable name (registration included)."""
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    """Per evaluated correction and retention probe: the question, the reference, the champion's and the
+    candidate's greedy answers through vLLM (what the gate judged)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -119,6 +122,11 @@ def _round(config: PipelineConfig) -> RunSummary:
                         run_id)
         summary.version, summary.version_url, summary.run_url = version.version, version.version_url, version.run_url
         summary.gate, summary.metrics = decision.to_dict(), dict(evaluation.metrics)
+        summary.answers = [{"group": c.item.kind, "prompt": c.item.prompt, "reference": c.item.answer,
+                            "fact": c.item.fact, "champion": h.output, "candidate": c.output,
+                            "candidate_ok": c.contains, "champion_ok": h.contains}
+                           for c, h in zip(evaluation.candidate_results, evaluation.champion_results, strict=True)
+                           if c.item.kind in ("corrections", "probe")]
         if decision.passed:
             timed("promote", promote_version, config, version.version, expected_champion=outcome.parent_version)
             summary.promoted = True

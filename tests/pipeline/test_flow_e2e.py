@@ -44,7 +44,8 @@ def pipeline_env(s3_service: Any, mlflow_service: str, vllm_server: Any, prefect
         "model_name": model_name, "stable_name": stable,
         "training": {"model": str(vllm_server.model_path), "lora_rank": 8, "max_model_len": 256, "dtype": "float32",
                      "train_precision": "float32", "batch_size": 4, "max_steps": 12, "epochs": 2,
-                     "ewc_samples": 4, "correction_max_steps": 40, "learning_rate": 0.003},
+                     "ewc_samples": 4, "correction_max_steps": 40, "learning_rate": 0.003,
+                     "correction_learning_rate": 0.003},
         "evaluation": {"heldout_fraction": 0.3, "replay_probes": 4, "max_tokens": 8},
     }
     return {"bucket": bucket, "model_name": model_name, "stable": stable, "overrides": overrides,
