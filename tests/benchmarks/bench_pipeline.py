@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="results/bench/pipeline.json")
     parser.add_argument("--strict-gate", action="store_true", help="keep the configured gate rules")
+    parser.add_argument("--labels", type=int, default=60, help="labelled records in the batch (main job: 60)")
+    parser.add_argument("--corrections", type=int, default=10, help="corrections in the batch (main job: 10)")
     args = parser.parse_args()
 
     from cl_core.pipeline.config import PipelineConfig
@@ -109,7 +111,9 @@ def main() -> int:
     settings = S3Settings.from_env()
     salt = uuid.uuid4().hex  # a fresh batch: these records were never learned
     with ExperienceWriter(make_client(settings), settings) as writer:
-        for fields in seed_records(invalid=False):
+        batch = seed_records(n_labels=args.labels, invalid=False)
+        kept = [r for r in batch if r["kind"] == "correction"][:args.corrections]
+        for fields in [r for r in batch if r["kind"] != "correction"] + kept:
             writer.add(ExperienceRecord(**{**fields, "id": record_id({**fields, "source": salt})}))
 
     console.print("pipeline run under the same load")
@@ -132,7 +136,8 @@ def main() -> int:
                                                                               ("during pipeline run", during))])
     console.print(f"outcome: {summary['outcome']}; promotion latency (gate decision -> first response from the "
                   f"promoted version): {summary['promotion_seconds']} s")
-    result = {**info, "outcome": summary["outcome"], "stage_seconds": summary["stage_seconds"],
+    result = {**info, "batch": {"labels": args.labels, "corrections": args.corrections},
+              "outcome": summary["outcome"], "stage_seconds": summary["stage_seconds"],
               "flow_seconds": round(flow_seconds, 1), "promotion_seconds": summary["promotion_seconds"],
               "training": summary["training"], "serving_idle": idle, "serving_during_run": during,
               "throughput_ratio_during_vs_idle": round(during["tokens_per_s"] / max(idle["tokens_per_s"], 1e-9), 3)}
