@@ -74,11 +74,7 @@ class ContinualLLM:
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _engine_settings(self) -> EngineSettings:
-        c = self.config
-        return EngineSettings(model_path=self.model_path, serving_mode=c.serving_mode, dtype=c.dtype,
-                              max_model_len=c.max_model_len, max_lora_rank=c.adapter_rank, seed=c.seed,
-                              kv_cache_gib=c.kv_cache_gib, enforce_eager=c.enforce_eager,
-                              max_loras=c.num_adapters)
+        return EngineSettings.from_config(self.config, self.model_path)
 
     def _check_engine(self, engine: EngineBase) -> None:
         s = engine.settings

@@ -31,11 +31,7 @@ class DetachedEngine(EngineBase):
         """The detached engine that fits a `ContinualConfig` (same checks as the engine it would start)."""
         from cl_core.models import resolve_model
 
-        return cls(EngineSettings(model_path=resolve_model(config.model), serving_mode=config.serving_mode,
-                                  dtype=config.dtype, max_model_len=config.max_model_len,
-                                  max_lora_rank=config.adapter_rank, seed=config.seed,
-                                  kv_cache_gib=config.kv_cache_gib, enforce_eager=config.enforce_eager,
-                                  max_loras=config.num_adapters))
+        return cls(EngineSettings.from_config(config, resolve_model(config.model)))
 
     def publish(self, handle: AdapterHandle) -> None:
         """Record the version; the adapter directory is what a server loads later."""
