@@ -18,6 +18,7 @@ The benchmark measures the machinery, not the model: it runs the flow with the r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -108,8 +109,11 @@ def main() -> int:
     from cl_core.pipeline.s3 import S3Settings, make_client
     from cl_core.pipeline.seed import seed_records
 
-    settings = S3Settings.from_env()
     salt = uuid.uuid4().hex  # a fresh batch: these records were never learned
+    # Its own experience prefix (and so its own watermark): batches seeded by earlier, interrupted benchmark runs
+    # stay out of this run's pull (they would repeat this batch's prompts and fail validation as duplicates).
+    os.environ["CL_S3_PREFIX"] = f"{os.environ.get('CL_S3_PREFIX', '').strip('/')}/bench/{salt[:12]}/".lstrip("/")
+    settings = S3Settings.from_env()
     with ExperienceWriter(make_client(settings), settings) as writer:
         batch = seed_records(n_labels=args.labels, invalid=False)
         kept = [r for r in batch if r["kind"] == "correction"][:args.corrections]
