@@ -8,10 +8,16 @@ from cl_core.pipeline.config import PipelineConfig
 
 
 def s3(config: PipelineConfig) -> tuple[Any, Any]:
-    """(boto3 client, S3Settings) for the experience bucket."""
+    """(boto3 client, S3Settings) for the experience bucket named by `config.endpoints`.
+
+    Where the bucket is comes from the config (so an override there is what every task uses); credentials and
+    region stay with the environment / boto3's credential chain.
+    """
     from cl_core.pipeline.s3 import S3Settings, make_client
 
-    settings = S3Settings.from_env()
+    endpoints = config.endpoints
+    settings = S3Settings.from_env(endpoint_url=endpoints.s3_endpoint, bucket=endpoints.s3_bucket,
+                                   prefix=endpoints.s3_prefix)
     return make_client(settings), settings
 
 

@@ -21,6 +21,7 @@ Derived values (`heldout_gain`, `retention_drop`, `probe_regression`, `forgettin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ from cl_core.errors import InvalidInputError
 from cl_core.pipeline.gate import derive as gate_derive
 from cl_core.pipeline.serving import VLLMServer, load_tokenizer
 from cl_core.streams.task import normalize_answer
+
+log = logging.getLogger(__name__)
 
 GROUPS: tuple[str, ...] = ("heldout", "corrections", "probe", "replay")
 DEFAULT_MAX_TOKENS = 48
@@ -267,7 +270,9 @@ def compare(server: str | VLLMServer, tokenizer: Any, candidate: str, champion: 
     items = (as_items("heldout", heldout) + as_items("corrections", corrections) + as_items("probe", probes)
              + as_items("replay", replayed))
     start = time.perf_counter()
+    log.info("evaluating %s and %s on %d items through %s", candidate, champion, len(items), server.base_url)
     cand_results = evaluate_items(server, tokenizer, candidate, items, max_tokens)
+    log.info("%s evaluated in %.0f s", candidate, time.perf_counter() - start)
     champ_results = evaluate_items(server, tokenizer, champion, items, max_tokens)
     cand, champ = summarize(cand_results), summarize(champ_results)
     return EvaluationReport(candidate_name=candidate, champion_name=champion, candidate=cand, champion=champ,

@@ -119,6 +119,7 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
         if anchors and champion_checkpoint is None:
             model.store.add_many([{"prompt": p, "response": a, "task": "anchor", "metadata": {"kind": "anchor"}}
                                   for p, a in anchors])
+            log.info("rehearsing %d anchor answers of the served model (task 0 for replay and EWC)", len(anchors))
             anchor_steps = model.learn(epochs=1).steps
         replayed = [QA(e.prompt, e.response, e.task) for e in
                     model.store.sample(config.evaluation.replay_probes, "uniform", learned_only=True)]
@@ -130,6 +131,8 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
         _ingest(model, [r for r in fresh if r.kind != "correction" or not margin_driven])
         report = None
         if model.store.count(pending_only=True):
+            log.info("training on %d new records (%d already learned by the champion, %d held out), %d epoch(s)",
+                     len(fresh), len(train) - len(fresh), len(heldout), config.training.epochs)
             try:
                 report = model.learn(epochs=config.training.epochs)
             except NothingToLearnError:  # only negative ratings: kept for preference learning, not imitated
@@ -142,9 +145,11 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
             # A correction is trained until it is the greedy answer with `correction_margin` to spare, and no
             # further: epochs over a handful of facts drive their loss to ~0 and drag neighbouring knowledge along
             # (measured: "the capital of Russia is St. Petersburg" after ten capital corrections).
-            for r in corrections:
+            for i, r in enumerate(corrections, 1):
                 exp_id = _ingest_correction(model, r)
                 if model.correction_margin(r.prompt, r.chosen) < continual.correction_margin:
+                    log.info("correction %d/%d: reinforcing %r -> %r", i, len(corrections), r.prompt[:60],
+                             r.chosen[:60])
                     model.reinforce_correction(exp_id)
                     fixed += 1
                 else:
@@ -153,6 +158,7 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
         if version is None or (parent_version is not None and report is None and not fixed):
             raise NothingToLearnError("the champion already answers every new record as asked; nothing changed")
         checkpoint = model.save_checkpoint(work_dir / "checkpoint")
+        log.info("candidate v%d trained in %.0f s", version.version, time.perf_counter() - started)
         stats = {"records": len(records), "trained_records": len(fresh), "already_learned": len(train) - len(fresh),
                  "heldout_records": len(heldout), "corrections": len(corrections), "correction_rounds": fixed,
                  "steps": report.steps if report else 0, "skipped_steps": report.skipped_steps if report else 0,

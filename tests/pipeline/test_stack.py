@@ -80,6 +80,7 @@ def test_up_starts_every_service_healthy_and_writes_env(stack: Stack) -> None:
     assert values["CL_VLLM_URLS"] == f"http://127.0.0.1:{c.vllm_port}"
     assert values["CL_S3_BUCKET"] == "cl-experiences" and values["CL_S3_PREFIX"] == ""
     assert values["CL_ADAPTER_DIR"] == str(c.adapter_dir) and c.adapter_dir.is_dir()
+    assert values["PREFECT_LOGGING_EXTRA_LOGGERS"] == "cl_core"  # cl_core's log lines in the flow run's log
     client = c.s3.client()
     for bucket in ("cl-experiences", "mlflow"):
         client.head_bucket(Bucket=bucket)

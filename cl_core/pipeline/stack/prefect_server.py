@@ -15,11 +15,14 @@ from pathlib import Path
 from cl_core.pipeline.stack.service import Service, StackError, executable, http_ok
 
 DEFAULT_WORK_POOL = "cl-local"
+# cl_core's own log lines (training phases, adapter loads, registry retries, skipped S3 objects) belong in the
+# flow run's log in the Prefect UI, next to Prefect's; Prefect captures only the loggers it is told about.
+LOGGING_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "cl_core"}
 
 
 def _prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
     env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **LOGGING_ENV}
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env

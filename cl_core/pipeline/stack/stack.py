@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from cl_core.pipeline.stack.mlflow_server import MLflowServer
-from cl_core.pipeline.stack.prefect_server import DEFAULT_WORK_POOL, PrefectServer, PrefectWorker
+from cl_core.pipeline.stack.prefect_server import DEFAULT_WORK_POOL, LOGGING_ENV, PrefectServer, PrefectWorker
 from cl_core.pipeline.stack.seaweedfs import S3Endpoint, SeaweedFS
 from cl_core.pipeline.stack.service import Service, ServiceStartError, StackError
 from cl_core.pipeline.stack.vllm_server import VLLMServer
@@ -163,6 +163,7 @@ class StackConfig:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}", "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
             "PREFECT_API_URL": f"http://127.0.0.1:{self.prefect_port}/api",
             "CL_VLLM_URLS": f"http://127.0.0.1:{self.vllm_port}", "CL_ADAPTER_DIR": str(self.adapter_dir),
+            **LOGGING_ENV,
         }
 
 
