@@ -14,7 +14,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from cl_core.continual import ContinualLLM
 from cl_core.engine import DetachedEngine
 from cl_core.errors import ConfigError, NothingToLearnError
 from cl_core.models import model_fingerprint, resolve_model
-from cl_core.pipeline.config import PipelineConfig
+from cl_core.pipeline.config import PipelineConfig, training_threads
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,27 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
     Raises `NothingToLearnError` when the batch has nothing to train on (e.g. only already ingested records or
     only negative ratings): the pipeline then ends the run without a candidate.
     """
+    threads = training_threads(config.training.threads, config.endpoints.vllm_urls)
+    with torch_threads(threads):
+        log.info("training with %d CPU thread(s) (training.threads=%s)", threads, config.training.threads)
+        return _train(config, records, work_dir, champion_checkpoint, parent_version, anchors)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` for the block (it is process-wide), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champion_checkpoint: Path | None,
+           parent_version: int | None, anchors: Sequence[tuple[str, str]]) -> TrainingOutcome:
     started = time.perf_counter()
     if work_dir.exists():
         shutil.rmtree(work_dir)
