@@ -180,7 +180,7 @@ def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champ
         if version is None or (parent_version is not None and report is None and not fixed):
             raise NothingToLearnError("the champion already answers every new record as asked; nothing changed")
         checkpoint = model.save_checkpoint(work_dir / "checkpoint")
-        log.info("candidate v%d trained in %.0f s", version.version, time.perf_counter() - started)
+        log.info("candidate trained in %.0f s (learner version %d)", time.perf_counter() - started, version.version)
         stats = {"records": len(records), "trained_records": len(fresh), "already_learned": len(train) - len(fresh),
                  "heldout_records": len(heldout), "corrections": len(corrections), "correction_rounds": fixed,
                  "steps": report.steps if report else 0, "skipped_steps": report.skipped_steps if report else 0,

@@ -81,6 +81,7 @@ def test_up_starts_every_service_healthy_and_writes_env(stack: Stack) -> None:
     assert values["CL_S3_BUCKET"] == "cl-experiences" and values["CL_S3_PREFIX"] == ""
     assert values["CL_ADAPTER_DIR"] == str(c.adapter_dir) and c.adapter_dir.is_dir()
     assert values["PREFECT_LOGGING_EXTRA_LOGGERS"] == "cl_core"  # cl_core's log lines in the flow run's log
+    assert values["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] == "ignore"
     client = c.s3.client()
     for bucket in ("cl-experiences", "mlflow"):
         client.head_bucket(Bucket=bucket)

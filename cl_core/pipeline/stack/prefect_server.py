@@ -17,7 +17,9 @@ from cl_core.pipeline.stack.service import Service, StackError, executable, http
 DEFAULT_WORK_POOL = "cl-local"
 # cl_core's own log lines (training phases, adapter loads, registry retries, skipped S3 objects) belong in the
 # flow run's log in the Prefect UI, next to Prefect's; Prefect captures only the loggers it is told about.
-LOGGING_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "cl_core"}
+# A line logged from a thread without a run context (the learner's publish thread) stays on the console instead of
+# warning that it cannot reach the API.
+LOGGING_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "cl_core", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 
 
 def _prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
