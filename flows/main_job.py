@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                   "forgetting-experiment)")
     with contextlib.redirect_stdout(io.StringIO()):  # Prefect prints a table per deployment
         deploy(args.config)
+    corrections = [q for q, _, _ in WRONG_FACTS]
+    questions = corrections + list(RETENTION_QUESTIONS)
     before_model = served_name(config)
-    before = ask(config, [q for q, _, _ in WRONG_FACTS] + list(RETENTION_QUESTIONS), before_model)
+    before = ask(config, questions, before_model)
     n = seed_s3(config)
     console.print(f"[bold]2. Seeded S3[/] with {n} experience records/objects "
                   f"(s3://{config.endpoints.s3_bucket}/experiences/...)")
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = state.result()
     after_model = served_name(config)
-    corrections = [q for q, _, _ in WRONG_FACTS]
-    after = ask(config, corrections + list(RETENTION_QUESTIONS), after_model)
+    after = ask(config, questions, after_model)
     candidate = {a["prompt"]: a["candidate"] for a in summary.get("answers", [])}
     short = {q: (candidate[q].strip().replace("\n", " ")[:70] if q in candidate else "–") for q in corrections}
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(evaluated under its own name), served after ({after_model})")
     for column in ("question", "before", "candidate", "after"):
         table.add_column(column, overflow="fold")
-    for q, b, a in zip(corrections + list(RETENTION_QUESTIONS), before, after, strict=True):
+    for q, b, a in zip(questions, before, after, strict=True):
         table.add_row(q, b, short.get(q, "–"), a)
     console.print(table)
     lost = [a for a in summary.get("answers", []) if a["group"] == "probe" and a["champion_ok"]

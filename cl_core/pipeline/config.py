@@ -10,6 +10,7 @@ errors that list the known ones: a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit
 
 from cl_core.config import ContinualConfig
 from cl_core.errors import ConfigError
+from cl_core.pipeline.s3 import DEFAULT_BUCKET as DEFAULT_S3_BUCKET
+from cl_core.pipeline.s3 import DEFAULT_ENDPOINT as DEFAULT_S3_ENDPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "infra" / "pipeline.yaml"
@@ -90,12 +93,19 @@ def training_threads(setting: int | str, vllm_urls: Sequence[str], cores: int | 
     if setting != "auto":
         return int(setting)
     cores = cores or len(os.sched_getaffinity(0))
-    local = any((urlsplit(u).hostname or "") in LOOPBACK_HOSTS or (urlsplit(u).hostname or "").startswith("127.")
-                for u in vllm_urls)
-    return max(1, cores // 2) if local else cores
+    return max(1, cores // 2) if any(_on_this_machine(u) for u in vllm_urls) else cores
 
 
-LOOPBACK_HOSTS = {"localhost", "::1", "0.0.0.0"}
+def _on_this_machine(url: str) -> bool:
+    """Whether `url` names this machine: localhost, a loopback address (127.0.0.0/8, ::1) or 0.0.0.0 / ::."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a host name: another machine as far as we can tell
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 @dataclass(frozen=True)
@@ -131,8 +141,8 @@ class Endpoints:
                      .split(",") if u.strip())
         if not urls:
             raise ConfigError("CL_VLLM_URLS is empty: give the base URL of every vLLM replica, comma-separated")
-        return cls(s3_endpoint=os.environ.get("CL_S3_ENDPOINT", "http://127.0.0.1:8333") or None,
-                   s3_bucket=os.environ.get("CL_S3_BUCKET", "cl-experiences"),
+        return cls(s3_endpoint=os.environ.get("CL_S3_ENDPOINT", DEFAULT_S3_ENDPOINT) or None,
+                   s3_bucket=os.environ.get("CL_S3_BUCKET", DEFAULT_S3_BUCKET),
                    s3_prefix=os.environ.get("CL_S3_PREFIX", ""),
                    mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
                    vllm_urls=urls,

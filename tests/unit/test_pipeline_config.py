@@ -11,7 +11,8 @@ from cl_core.pipeline.training import torch_threads
 
 
 @pytest.mark.parametrize("urls", [["http://127.0.0.1:8000"], ["http://localhost:8000/v1"],
-                                  ["http://vllm-0.internal:8000", "http://127.0.0.2:8001"]])
+                                  ["http://vllm-0.internal:8000", "http://127.0.0.2:8001"], ["http://[::1]:8000"],
+                                  ["http://0.0.0.0:8000"]])
 def test_auto_leaves_half_the_cores_to_a_vllm_server_on_this_machine(urls: list[str]) -> None:
     assert training_threads("auto", urls, cores=8) == 4
     assert training_threads("auto", urls, cores=2) == 1
