@@ -27,8 +27,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cl_core.data.seed import WRONG_FACTS, malformed_object_body, seed_records
 from cl_core.pipeline.config import PipelineConfig
-from cl_core.pipeline.seed import WRONG_FACTS, malformed_object_body, seed_records
 
 SEED_NAMESPACE = uuid.UUID("6f1c2b0e-8d7a-4c55-9a43-3f0e2d1c5b77")
 RETENTION_QUESTIONS = ("What is the capital of France?", "What is the capital of Japan?",
@@ -43,8 +43,8 @@ def record_id(fields: dict[str, Any]) -> str:
 
 def seed_s3(config: PipelineConfig) -> int:
     """Write the seed batch as the serving side would: whole JSONL objects under the documented layout."""
-    from cl_core.pipeline.experiences import ExperienceRecord, ExperienceWriter, object_key
-    from cl_core.pipeline.s3 import S3Settings, make_client
+    from cl_core.data.experiences import ExperienceRecord, ExperienceWriter, object_key
+    from cl_core.data.s3 import S3Settings, make_client
 
     settings = S3Settings.from_env()
     client = make_client(settings)
@@ -59,14 +59,14 @@ def seed_s3(config: PipelineConfig) -> int:
 
 
 def ask(config: PipelineConfig, questions: list[str], model: str) -> list[str]:
-    from cl_core.pipeline.serving import VLLMServer
+    from cl_core.serving.client import VLLMServer
 
     server = VLLMServer(config.endpoints.vllm_urls[0])
     return [a.strip().replace("\n", " ")[:70] for a in server.chat(model, questions, max_tokens=24)]
 
 
 def served_name(config: PipelineConfig) -> str:
-    from cl_core.pipeline.serving import VLLMServer
+    from cl_core.serving.client import VLLMServer
 
     return config.stable_name if config.stable_name in VLLMServer(config.endpoints.vllm_urls[0]).models() else "base"
 

@@ -10,7 +10,7 @@ bash infra/setup.sh
 py="${CL_CORE_VENV:-$root/.venv}/bin/python"
 case "${1:-}" in
   main)
-    "$py" -m cl_core.pipeline.stack up
+    "$py" -m cl_core.stack up
     # shellcheck disable=SC1091
     source "${CL_STACK_DIR:-$root/.state/stack}/env.sh"
     exec "$py" -m flows.main_job ;;

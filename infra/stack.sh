@@ -9,7 +9,7 @@
 # Ports and paths: flags (--s3-port, --mlflow-port, --prefect-port, --worker-port, --vllm-port, --vllm-model,
 # --state-dir, --adapter-dir) or the environment (CL_S3_PORT, CL_MLFLOW_PORT, CL_PREFECT_PORT,
 # CL_PREFECT_WORKER_PORT, CL_VLLM_PORT, CL_VLLM_MODEL, CL_STACK_DIR, CL_ADAPTER_DIR); see
-# `infra/stack.sh --help`. Implementation: cl_core/pipeline/stack/.
+# `infra/stack.sh --help`. Implementation: cl_core/stack/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${CL_CORE_VENV:-$root/.venv}/bin/python"
@@ -18,4 +18,4 @@ if [[ ! -x "$py" ]]; then
   exit 2
 fi
 cd "$root"
-exec "$py" -m cl_core.pipeline.stack "$@"
+exec "$py" -m cl_core.stack "$@"

@@ -13,7 +13,7 @@ def s3(config: PipelineConfig) -> tuple[Any, Any]:
     Where the bucket is comes from the config (so an override there is what every task uses); credentials and
     region stay with the environment / boto3's credential chain.
     """
-    from cl_core.pipeline.s3 import S3Settings, make_client
+    from cl_core.data.s3 import S3Settings, make_client
 
     endpoints = config.endpoints
     settings = S3Settings.from_env(endpoint_url=endpoints.s3_endpoint, bucket=endpoints.s3_bucket,
@@ -28,7 +28,7 @@ def registry(config: PipelineConfig) -> Any:
 
 
 def deployment(config: PipelineConfig) -> Any:
-    from cl_core.pipeline.serving import Deployment
+    from cl_core.serving.deployment import Deployment
 
     return Deployment(list(config.endpoints.vllm_urls), stable_name=config.stable_name)
 

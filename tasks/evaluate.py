@@ -23,7 +23,7 @@ def evaluate_candidate(config: PipelineConfig, outcome: Any, run_id: str) -> Any
     serves now (the champion; the bare base model before the first promotion) on held-out records, the batch's
     corrections, retention probes and earlier learned experiences."""
     from cl_core.pipeline.evaluation import compare, load_probes
-    from cl_core.pipeline.serving import VLLMServer
+    from cl_core.serving.client import VLLMServer
 
     served = Path(config.endpoints.adapter_dir) / "candidates" / run_id
     if served.exists():
@@ -46,7 +46,7 @@ def evaluate_candidate(config: PipelineConfig, outcome: Any, run_id: str) -> Any
 @task(name="unload-candidate")
 def unload_candidate(config: PipelineConfig, run_id: str) -> None:
     """Free the candidate name on the server (the registered version is what gets promoted)."""
-    from cl_core.pipeline.serving import VLLMServer
+    from cl_core.serving.client import VLLMServer
 
     server = VLLMServer(config.endpoints.vllm_urls[0])
     if candidate_name(run_id) in server.models():

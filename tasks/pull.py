@@ -16,8 +16,8 @@ from tasks import clients
 def pull_experiences(config: PipelineConfig) -> Any:
     """New records since the committed watermark. Nothing is committed here: the flow commits the new watermark
     only when the run has finished with this batch, so a failed run pulls the same objects again (idempotent)."""
-    from cl_core.pipeline.experiences import ExperienceReader
-    from cl_core.pipeline.watermark import WatermarkStore, pull
+    from cl_core.data.experiences import ExperienceReader
+    from cl_core.data.watermark import WatermarkStore, pull
 
     client, settings = clients.s3(config)
     watermark = WatermarkStore(client, settings).load()
@@ -36,7 +36,7 @@ def pull_experiences(config: PipelineConfig) -> Any:
 @task(name="commit-watermark", retries=2, retry_delay_seconds=3)
 def commit_watermark(config: PipelineConfig, pulled: Any) -> None:
     """Advance the watermark past this run's objects (compare-and-swap: a concurrent run's commit is refused)."""
-    from cl_core.pipeline.watermark import WatermarkStore
+    from cl_core.data.watermark import WatermarkStore
 
     client, settings = clients.s3(config)
     WatermarkStore(client, settings).commit(pulled.new_watermark, expected_previous=pulled.watermark)

@@ -26,7 +26,7 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
     anchors: list[tuple[str, str]] = []
     prompts = load_anchor_prompts(config.training.anchors) if parent is None else []
     if prompts:  # a new lineage: rehearse what the served model answers today
-        from cl_core.pipeline.serving import VLLMServer
+        from cl_core.serving.client import VLLMServer
 
         limit = 96
         tok = clients.tokenizer(config)

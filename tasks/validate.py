@@ -16,7 +16,7 @@ from tasks import clients
 def validate_experiences(config: PipelineConfig, pulled: Any, run_id: str) -> Any:
     """Valid records for training. Raises `ValidationFailed` (after quarantining and writing the data docs) when
     the invalid share passes `validation.max_invalid_fraction`: a feed that broken needs a person, not a model."""
-    from cl_core.pipeline.validation import check_threshold, quarantine, validate, write_data_docs
+    from cl_core.data.validation import check_threshold, quarantine, validate, write_data_docs
     from cl_core.prompting import encode_pair
 
     tok = clients.tokenizer(config)

@@ -60,6 +60,6 @@ class DetachedEngine(EngineBase):
     def _unavailable(what: str) -> ServingUnavailableError:
         return ServingUnavailableError(
             f"{what}() needs a serving engine, and this model trains detached (DetachedEngine: the adapters are "
-            "served by a vLLM server). Ask the server (cl_core.pipeline.serving), or create the ContinualLLM "
+            "served by a vLLM server). Ask the server (cl_core.serving), or create the ContinualLLM "
             "without engine= to start an in-process vLLM engine; with priority_function='uncertainty', use "
             "'loss' instead (uncertainty scores each experience through the engine).")

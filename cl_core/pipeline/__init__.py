@@ -4,7 +4,7 @@ Modules (one owner each; nothing here is imported by `cl_core/__init__`, so the 
 MLflow or Great Expectations unless the pipeline is used):
 
 - `stack/`       the local stack on loopback (SeaweedFS S3, MLflow server, Prefect server + worker, vLLM server):
-                 `python -m cl_core.pipeline.stack up|down|status`
+                 `python -m cl_core.stack up|down|status`
 - `s3.py`        S3 settings and a boto3 client with retries
 - `experiences.py` the S3 object layout of experience records, the writer (whole objects) and the reader
 - `watermark.py` the durable pull watermark (an S3 object, replaced whole)

@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cl_core.config import ContinualConfig
+from cl_core.data.s3 import DEFAULT_BUCKET as DEFAULT_S3_BUCKET
+from cl_core.data.s3 import DEFAULT_ENDPOINT as DEFAULT_S3_ENDPOINT
 from cl_core.errors import ConfigError
-from cl_core.pipeline.s3 import DEFAULT_BUCKET as DEFAULT_S3_BUCKET
-from cl_core.pipeline.s3 import DEFAULT_ENDPOINT as DEFAULT_S3_ENDPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "infra" / "pipeline.yaml"

@@ -31,7 +31,7 @@ from typing import Any
 
 from cl_core.errors import InvalidInputError
 from cl_core.pipeline.gate import derive as gate_derive
-from cl_core.pipeline.serving import VLLMServer, load_tokenizer
+from cl_core.serving.client import VLLMServer, load_tokenizer
 from cl_core.streams.task import normalize_answer
 
 log = logging.getLogger(__name__)

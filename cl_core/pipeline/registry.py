@@ -67,7 +67,7 @@ class RegistryUnavailable(RuntimeError):
         self.uri = uri
         super().__init__(
             f"MLflow registry at {uri} is unavailable: {what} failed {attempts} times in {elapsed_s:.1f} s "
-            f"(last error: {_short(cause)}). Check that the server is up (`python -m cl_core.pipeline.stack "
+            f"(last error: {_short(cause)}). Check that the server is up (`python -m cl_core.stack "
             f"status` locally) and that MLFLOW_TRACKING_URI / --tracking-uri point at it.")
 
 

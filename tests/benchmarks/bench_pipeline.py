@@ -105,9 +105,9 @@ def main() -> int:
     time.sleep(args.window)
     idle = load.stop()
 
-    from cl_core.pipeline.experiences import ExperienceRecord, ExperienceWriter
-    from cl_core.pipeline.s3 import S3Settings, make_client
-    from cl_core.pipeline.seed import seed_records
+    from cl_core.data.experiences import ExperienceRecord, ExperienceWriter
+    from cl_core.data.s3 import S3Settings, make_client
+    from cl_core.data.seed import seed_records
 
     salt = uuid.uuid4().hex  # a fresh batch: these records were never learned
     # Its own experience prefix (and so its own watermark): batches seeded by earlier, interrupted benchmark runs

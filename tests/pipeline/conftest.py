@@ -2,7 +2,7 @@
 
 Each session fixture starts its service only when a test asks for it, waits until it is healthy, and stops its
 whole process group at the end of the session (if pytest itself is killed, Linux sends the server SIGTERM). They
-use the stack's own `Service` classes (`cl_core.pipeline.stack`), so the tests exercise the same
+use the stack's own `Service` classes (`cl_core.stack`), so the tests exercise the same
 start/health/stop code as `infra/stack.sh`.
 
 - `s3_service`     -> `S3Endpoint`: endpoint_url, access_key, secret_key, region, client() (SeaweedFS)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_core.pipeline.stack import (
+from cl_core.stack import (
     SERVED_MODEL_NAME,
     MLflowServer,
     PortInUseError,
@@ -35,7 +35,7 @@ from cl_core.pipeline.stack import (
     free_port,
     free_port_block,
 )
-from cl_core.pipeline.stack.seaweedfs import PORT_BLOCK
+from cl_core.stack.seaweedfs import PORT_BLOCK
 
 MLFLOW_ARTIFACTS_BUCKET = "mlflow"
 

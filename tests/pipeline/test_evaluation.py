@@ -9,7 +9,8 @@ import pytest
 
 from cl_core.errors import InvalidInputError
 from cl_core.pipeline.evaluation import EvalItem, compare, evaluate, evaluate_items, load_probes
-from cl_core.pipeline.serving import Deployment, VLLMServer
+from cl_core.serving.client import VLLMServer
+from cl_core.serving.deployment import Deployment
 
 FRANCE = ("What is the capital of France?", "Paris is the capital.")
 HELLO = ("Hello world, how are you today?", "The answer is blue.")

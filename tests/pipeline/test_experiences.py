@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_core.errors import InvalidInputError
-from cl_core.pipeline.experiences import (
+from cl_core.data.experiences import (
     KINDS,
     ExperienceReader,
     ExperienceRecord,
@@ -33,8 +32,9 @@ from cl_core.pipeline.experiences import (
     parse_lines,
     rating,
 )
-from cl_core.pipeline.s3 import S3Error, S3Settings, S3Unavailable, make_client
-from cl_core.pipeline.watermark import Watermark, WatermarkConflict, WatermarkError, WatermarkStore, pull
+from cl_core.data.s3 import S3Error, S3Settings, S3Unavailable, make_client
+from cl_core.data.watermark import Watermark, WatermarkConflict, WatermarkError, WatermarkStore, pull
+from cl_core.errors import InvalidInputError
 
 PREFIX = "tenant-a/"
 REPO = Path(__file__).resolve().parents[2]
@@ -231,8 +231,8 @@ def test_writer_flushes_on_thresholds(s3) -> None:
 
 CRASHING_WRITER = """
 import os, signal
-from cl_core.pipeline.experiences import ExperienceWriter, interaction
-from cl_core.pipeline.s3 import S3Settings, make_client
+from cl_core.data.experiences import ExperienceWriter, interaction
+from cl_core.data.s3 import S3Settings, make_client
 settings = S3Settings.from_env()
 writer = ExperienceWriter(make_client(settings), settings)
 for i in range(50):

@@ -59,8 +59,8 @@ def pipeline_env(s3_service: Any, mlflow_service: str, vllm_server: Any, prefect
 
 
 def _seed(env: dict[str, Any], extra: list[dict[str, Any]] = (), labels: int = 6) -> int:
-    from cl_core.pipeline.experiences import ExperienceRecord, ExperienceWriter
-    from cl_core.pipeline.s3 import S3Settings, make_client
+    from cl_core.data.experiences import ExperienceRecord, ExperienceWriter
+    from cl_core.data.s3 import S3Settings, make_client
 
     settings = S3Settings.from_env()
     records = [{"kind": "correction", "prompt": q, "response": bad, "chosen": good, "rejected": bad, "task": "facts"}

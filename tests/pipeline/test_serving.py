@@ -16,9 +16,8 @@ import httpx
 import pytest
 
 from cl_core.errors import InvalidInputError
-from cl_core.pipeline.serving import (
+from cl_core.serving.client import (
     AdapterRefused,
-    Deployment,
     InconsistentDeployment,
     PromotionFailed,
     PromptFormatMismatch,
@@ -27,6 +26,7 @@ from cl_core.pipeline.serving import (
     VLLMServer,
     _refusal_hint,
 )
+from cl_core.serving.deployment import Deployment
 
 PROMPT = "What is the capital of France?"
 ANSWERS = {"v1": "Paris is the capital.", "v2": "The answer is blue."}

@@ -1,4 +1,4 @@
-"""The local stack (`python -m cl_core.pipeline.stack`) against real services on free loopback ports.
+"""The local stack (`python -m cl_core.stack`) against real services on free loopback ports.
 
 One stack (S3, MLflow, Prefect server + worker) is brought up for the module; tests then check what a person
 relies on: a second `up` is harmless, `status` tells the truth, env.sh configures clients, a dead service is
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cl_core.pipeline.stack import Stack, StackConfig, free_port, free_port_block
-from cl_core.pipeline.stack.seaweedfs import PORT_BLOCK
-from cl_core.pipeline.stack.service import pid_alive, session_members
+from cl_core.stack import Stack, StackConfig, free_port, free_port_block
+from cl_core.stack.seaweedfs import PORT_BLOCK
+from cl_core.stack.service import pid_alive, session_members
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def _cli(config: StackConfig, *args: str, timeout: float = 120) -> subprocess.Co
            "CL_MLFLOW_PORT": str(config.mlflow_port), "CL_PREFECT_PORT": str(config.prefect_port),
            "CL_PREFECT_WORKER_PORT": str(config.worker_port), "CL_VLLM_PORT": str(config.vllm_port),
            "CL_ADAPTER_DIR": str(config.adapter_dir), "CL_VLLM_MODEL": config.vllm_model}
-    return subprocess.run([sys.executable, "-m", "cl_core.pipeline.stack", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "cl_core.stack", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -182,7 +182,7 @@ def test_bad_settings_are_rejected_before_anything_starts(tmp_path: Path) -> Non
     config = _config(tmp_path / "stack")
     env_cli = _cli(config, "up", "--only", "nosuch")
     assert env_cli.returncode == 2 and "unknown service" in env_cli.stderr and "s3" in env_cli.stderr
-    bad_port = subprocess.run([sys.executable, "-m", "cl_core.pipeline.stack", "status"], cwd=REPO, text=True,
+    bad_port = subprocess.run([sys.executable, "-m", "cl_core.stack", "status"], cwd=REPO, text=True,
                               capture_output=True, env={**os.environ, "CL_MLFLOW_PORT": "http"})
     assert bad_port.returncode == 2 and "CL_MLFLOW_PORT" in bad_port.stderr
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cl_core.pipeline.experiences import (
+from cl_core.data.experiences import (
     ExperienceReader,
     ExperienceRecord,
     ExperienceWriter,
@@ -19,8 +19,8 @@ from cl_core.pipeline.experiences import (
     parse_key,
     rating,
 )
-from cl_core.pipeline.s3 import S3Settings, make_client
-from cl_core.pipeline.validation import (
+from cl_core.data.s3 import S3Settings, make_client
+from cl_core.data.validation import (
     MALFORMED,
     ValidationFailed,
     check_threshold,
@@ -28,7 +28,7 @@ from cl_core.pipeline.validation import (
     validate,
     write_data_docs,
 )
-from cl_core.pipeline.watermark import WatermarkStore, pull
+from cl_core.data.watermark import WatermarkStore, pull
 
 
 @pytest.fixture(scope="module")

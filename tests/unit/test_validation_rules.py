@@ -9,9 +9,8 @@ import json
 
 import pytest
 
-from cl_core.errors import InvalidInputError
-from cl_core.pipeline.experiences import ExperienceRecord, correction, interaction, label, parse_lines, rating
-from cl_core.pipeline.validation import (
+from cl_core.data.experiences import ExperienceRecord, correction, interaction, label, parse_lines, rating
+from cl_core.data.validation import (
     MALFORMED,
     ValidationFailed,
     check_threshold,
@@ -19,6 +18,7 @@ from cl_core.pipeline.validation import (
     validate,
     write_data_docs,
 )
+from cl_core.errors import InvalidInputError
 
 MAX_TOKENS = 64
 

@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cl_core.errors import ContinualError, InvalidInputError
-from cl_core.pipeline.experiences import (
+from cl_core.data.experiences import (
     ExperienceReader,
     ExperienceRecord,
     RawRecord,
     parse_key,
     utc_now_iso,
 )
-from cl_core.pipeline.s3 import S3Settings, error_code, reraise
+from cl_core.data.s3 import S3Settings, error_code, reraise
+from cl_core.errors import ContinualError, InvalidInputError
 
 log = logging.getLogger(__name__)
 

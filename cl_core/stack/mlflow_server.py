@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cl_core.pipeline.stack.seaweedfs import S3Endpoint
-from cl_core.pipeline.stack.service import Service, executable, http_ok
+from cl_core.stack.seaweedfs import S3Endpoint
+from cl_core.stack.service import Service, executable, http_ok
 
 
 class MLflowServer(Service):

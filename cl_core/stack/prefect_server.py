@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from cl_core.pipeline.stack.service import Service, StackError, executable, http_ok
+from cl_core.stack.service import Service, StackError, executable, http_ok
 
 DEFAULT_WORK_POOL = "cl-local"
 # cl_core's own log lines (training phases, adapter loads, registry retries, skipped S3 objects) belong in the

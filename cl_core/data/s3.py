@@ -112,7 +112,7 @@ def translate_error(exc: BaseException, settings: S3Settings) -> BaseException:
     if isinstance(exc, _connection_errors()):
         return S3Unavailable(
             f"S3 endpoint {settings.where} is unreachable after {settings.max_attempts} attempt(s): {exc}. "
-            "Check that the S3 service is running (locally: `python -m cl_core.pipeline.stack up`) and that "
+            "Check that the S3 service is running (locally: `python -m cl_core.stack up`) and that "
             "CL_S3_ENDPOINT points at it.")
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return S3Error(f"no usable S3 credentials for {settings.where}: {exc}. Set AWS_ACCESS_KEY_ID and "

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from cl_core.pipeline.stack.mlflow_server import MLflowServer
-from cl_core.pipeline.stack.prefect_server import DEFAULT_WORK_POOL, LOGGING_ENV, PrefectServer, PrefectWorker
-from cl_core.pipeline.stack.seaweedfs import S3Endpoint, SeaweedFS
-from cl_core.pipeline.stack.service import Service, ServiceStartError, StackError
-from cl_core.pipeline.stack.vllm_server import VLLMServer
+from cl_core.stack.mlflow_server import MLflowServer
+from cl_core.stack.prefect_server import DEFAULT_WORK_POOL, LOGGING_ENV, PrefectServer, PrefectWorker
+from cl_core.stack.seaweedfs import S3Endpoint, SeaweedFS
+from cl_core.stack.service import Service, ServiceStartError, StackError
+from cl_core.stack.vllm_server import VLLMServer
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("s3", "mlflow", "prefect", "worker", "vllm")
 DEPENDS_ON: dict[str, tuple[str, ...]] = {"s3": (), "mlflow": ("s3",), "prefect": (), "worker": ("prefect",),
                                           "vllm": ()}
@@ -336,7 +336,7 @@ class Stack:
 
     def write_env(self) -> Path:
         """Write `<state>/env.sh` (exports of the environment contract), replacing it whole."""
-        lines = ["# Written by `python -m cl_core.pipeline.stack up`: `source` it to point clients at this stack."]
+        lines = ["# Written by `python -m cl_core.stack up`: `source` it to point clients at this stack."]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.config.client_env().items()]
         path = self.config.env_path
         path.parent.mkdir(parents=True, exist_ok=True)

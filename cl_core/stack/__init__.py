@@ -1,13 +1,13 @@
 """The local stack on loopback: SeaweedFS (S3), an MLflow server, a Prefect server and worker, a vLLM server.
 
-`python -m cl_core.pipeline.stack up|down|status` (or `infra/stack.sh`) runs it; the same `Service` classes give
+`python -m cl_core.stack up|down|status` (or `infra/stack.sh`) runs it; the same `Service` classes give
 the test suite real services on free ports (tests/pipeline/conftest.py).
 """
 
-from cl_core.pipeline.stack.mlflow_server import MLflowServer
-from cl_core.pipeline.stack.prefect_server import PrefectServer, PrefectWorker, ensure_work_pool
-from cl_core.pipeline.stack.seaweedfs import S3Endpoint, SeaweedFS, ensure_buckets
-from cl_core.pipeline.stack.service import (
+from cl_core.stack.mlflow_server import MLflowServer
+from cl_core.stack.prefect_server import PrefectServer, PrefectWorker, ensure_work_pool
+from cl_core.stack.seaweedfs import S3Endpoint, SeaweedFS, ensure_buckets
+from cl_core.stack.service import (
     PortInUseError,
     Service,
     ServiceStartError,
@@ -16,8 +16,8 @@ from cl_core.pipeline.stack.service import (
     free_port_block,
     port_is_free,
 )
-from cl_core.pipeline.stack.stack import SERVICES, Stack, StackConfig
-from cl_core.pipeline.stack.vllm_server import SERVED_MODEL_NAME, VLLMServer
+from cl_core.stack.stack import SERVICES, Stack, StackConfig
+from cl_core.stack.vllm_server import SERVED_MODEL_NAME, VLLMServer
 
 __all__ = [
     "SERVED_MODEL_NAME",

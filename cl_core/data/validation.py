@@ -42,8 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cl_core.errors import ContinualError, InvalidInputError
-from cl_core.pipeline.experiences import (
+from cl_core.data.experiences import (
     FIELDS,
     KINDS,
     REQUIRED_FIELDS,
@@ -52,7 +51,8 @@ from cl_core.pipeline.experiences import (
     RawRecord,
     type_problems,
 )
-from cl_core.pipeline.s3 import S3Settings, reraise
+from cl_core.data.s3 import S3Settings, reraise
+from cl_core.errors import ContinualError, InvalidInputError
 
 SUITE_NAME = "experience_records"
 TEXT_FIELDS = ("prompt", "response", "chosen", "rejected")

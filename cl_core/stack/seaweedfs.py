@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from cl_core.pipeline.stack.service import Service, executable
+from cl_core.stack.service import Service, executable
 
 # Offsets from the S3 port of the other listeners: one block of 8 consecutive ports.
 PORT_BLOCK = 8

@@ -1,4 +1,4 @@
-"""`python -m cl_core.pipeline.stack up|down|status [--only s3,mlflow,...]` — the local stack's command line.
+"""`python -m cl_core.stack up|down|status [--only s3,mlflow,...]` — the local stack's command line.
 
 Exit codes: 0 success; 1 a service failed to start (named, with its log), or `status` found a selected service not
 healthy; 2 bad usage or settings.
@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cl_core.pipeline.stack.service import StackError
-from cl_core.pipeline.stack.stack import REPO_ROOT, SERVICES, Stack, StackConfig
+from cl_core.stack.service import StackError
+from cl_core.stack.stack import REPO_ROOT, SERVICES, Stack, StackConfig
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m cl_core.pipeline.stack",
+        prog="python -m cl_core.stack",
         description="The local stack on loopback: SeaweedFS (S3), MLflow, Prefect server + worker, vLLM. "
                     "Every flag has an environment variable; flags win.")
     parser.add_argument("command", choices=("up", "down", "status"))

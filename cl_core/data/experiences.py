@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from cl_core.data.s3 import S3Settings, S3Unavailable, error_code, reraise
 from cl_core.errors import InvalidInputError
-from cl_core.pipeline.s3 import S3Settings, S3Unavailable, error_code, reraise
 
 if TYPE_CHECKING:
-    from cl_core.pipeline.watermark import Watermark
+    from cl_core.data.watermark import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -561,7 +561,7 @@ class ExperienceReader:
             return ReadResult(ref, error=f"cannot read s3://{self.settings.bucket}/{ref.key}: "
                                          f"{error_code(exc) or exc}")
         except Exception as exc:  # a body cut short mid-stream, a decoding error in botocore, ...
-            from cl_core.pipeline.s3 import translate_error
+            from cl_core.data.s3 import translate_error
 
             clear = translate_error(exc, self.settings)
             if isinstance(clear, S3Unavailable):

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from cl_core.pipeline.stack.service import Service, http_ok
+from cl_core.stack.service import Service, http_ok
 
 SERVED_MODEL_NAME = "base"
 
