@@ -20,6 +20,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+from cl_core.bank.bank import DEFAULT_ADAPTER, AdapterBank
+from cl_core.bank.calibration import load_calibration_prompts
+from cl_core.bank.lineage import AdapterLineage
+from cl_core.bank.manifest import BankManifest
+from cl_core.bank.router import Route, load_router, make_router, save_router
 from cl_core.config import ContinualConfig
 from cl_core.engine import AdapterHandle, EngineBase, EngineSettings, Generation, VLLMEngine
 from cl_core.errors import CheckpointError, ConfigError, InvalidInputError, NothingToLearnError
@@ -61,16 +66,50 @@ class ContinualLLM:
         self.engine = engine if engine is not None else VLLMEngine(self._engine_settings())
         self._check_engine(self.engine)
         self.tokenizer = self.engine.tokenizer
-        self._namespace = self.engine.claim_namespace("adapter")
         self._learner: LoRALearner | None = None
-        self._current: AdapterHandle | None = None
-        self.versions: list[AdapterVersion] = []
-        self._next_version = 1
+        self._fresh_lora: dict[str, Any] | None = None
+        self._checked_out: str | None = None
+        self._calibration_vectors: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl-learn")
         self._online_job: Future[Any] | None = None
-        self.methods = MethodSet(self.config.anti_forgetting_methods, MethodSettings.from_config(self.config),
-                                 source=StoreExampleSource(self.store, self.tokenizer, self.config.max_model_len,
-                                                           self._get_learner))
+        self._example_source = StoreExampleSource(self.store, self.tokenizer, self.config.max_model_len,
+                                                  self._get_learner)
+        router = make_router(self.config.adapter_routing) if self.config.num_adapters > 1 else None
+        self.bank = AdapterBank(engine=self.engine, adapters_dir=self.work_dir / "adapters",
+                                capacity=self.config.num_adapters, router=router, make_methods=self._make_methods,
+                                embed=self._embed_prompts, out_of_scope=self._out_of_scope_vectors)
+        """The adapters and the router (`num_adapters > 1`), or the one adapter of a single-adapter model."""
+
+    def _make_methods(self) -> MethodSet:
+        return MethodSet(self.config.anti_forgetting_methods, MethodSettings.from_config(self.config),
+                         source=self._example_source)
+
+    # --- the single-adapter view (a model with num_adapters=1 is a bank of one lineage) -----------------------
+    @property
+    def _default(self) -> AdapterLineage:
+        if self.bank.is_bank:
+            raise InvalidInputError("this model holds a bank of adapters; name one (model.bank.get(name)) instead "
+                                    "of asking for 'the' adapter")
+        return self.bank.lineages[DEFAULT_ADAPTER]
+
+    @property
+    def _current(self) -> AdapterHandle | None:
+        return None if self.bank.is_bank else self._default.current
+
+    @property
+    def methods(self) -> MethodSet:
+        """The anti-forgetting methods of the model's adapter (with a bank: `model.bank.get(name).methods`)."""
+        return self._default.methods
+
+    @property
+    def versions(self) -> list[AdapterVersion]:
+        """Every published version (of every adapter of the bank), oldest first."""
+        return sorted((v for lineage in self.bank.lineages.values() for v in lineage.versions),
+                      key=lambda v: (v.created_at, v.adapter, v.version))
+
+    @property
+    def _next_version(self) -> int:
+        return self._default.next_version
 
     # --- set-up ---------------------------------------------------------------------------------------------
     def _engine_settings(self) -> EngineSettings:
@@ -104,23 +143,52 @@ class ContinualLLM:
                 max_grad_norm=c.max_grad_norm, seed=c.seed, device=c.device, precision=c.train_precision))
         return self._learner
 
+    # --- embeddings for routing -------------------------------------------------------------------------------
+    def _embed_prompts(self, prompts: Sequence[str]) -> Any:
+        from cl_core.bank.embedder import shared_embedder
+
+        return shared_embedder(self.model_path).embed(list(prompts))
+
+    def _out_of_scope_vectors(self) -> Any:
+        """Embeddings of prompts that belong to no adapter (`router_calibration`): they set the router's "none
+        fits" threshold, so unrelated requests reach the base model."""
+        if self._calibration_vectors is None:
+            prompts = load_calibration_prompts(self.config.router_calibration)
+            self._calibration_vectors = self._embed_prompts(prompts) if prompts else None
+        return self._calibration_vectors
+
+    def route(self, prompts: str | Sequence[str], task: str | Sequence[str | None] | None = None) -> list[Route]:
+        """Where each prompt would go: the bank adapter (or None: the base model), the router's score and why."""
+        items = _as_text_list(prompts, "prompts")
+        return [route for _, route in self.bank.route(items, _tasks(task, len(items)))]
+
     # --- inference ------------------------------------------------------------------------------------------
     @overload
-    def generate(self, prompts: str, **sampling: Any) -> Generation: ...
+    def generate(self, prompts: str, *, task: str | None = None, **sampling: Any) -> Generation: ...
     @overload
-    def generate(self, prompts: Sequence[str], **sampling: Any) -> list[Generation]: ...
+    def generate(self, prompts: Sequence[str], *, task: str | Sequence[str | None] | None = None,
+                 **sampling: Any) -> list[Generation]: ...
 
-    def generate(self, prompts: str | Sequence[str], **sampling: Any) -> Generation | list[Generation]:
-        """Answer one prompt (str in, str out) or many (list in, list out) with the current adapter version.
+    def generate(self, prompts: str | Sequence[str], *, task: str | Sequence[str | None] | None = None,
+                 **sampling: Any) -> Generation | list[Generation]:
+        """Answer one prompt (str in, str out) or many (list in, list out) with the adapter each one is routed to.
 
         Sampling parameters are vLLM's (`max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`, `stop`,
-        `seed`, ...); the default is greedy with up to 128 new tokens. Each result is a `str` that also carries
-        `adapter_version`, `adapter_name`, `finish_reason` and `token_ids`.
+        `seed`, ...); the default is greedy with up to 128 new tokens. `task` names each prompt's task (the
+        `task_id` router's input). Each result is a `str` that also carries `adapter` (the bank adapter, or
+        `base`), `adapter_version`, `adapter_name` (its served name), `route_score`, `finish_reason` and
+        `token_ids`. With a bank one vLLM batch mixes adapters, and the base, per request.
         """
         single = isinstance(prompts, str)
         items = _as_text_list(prompts, "prompts")
         ids = [encode_prompt(self.tokenizer, text) for text in items]
-        results = self.engine.generate(ids, sampling, self._current)
+        routed = self.bank.route(items, _tasks(task, len(items)))
+        handles = [handle for handle, _ in routed]
+        results = self.engine.generate(ids, sampling, handles if self.bank.is_bank else handles[0])
+        for result, (_, route) in zip(results, routed, strict=True):
+            result.adapter = route.adapter or "base"
+            result.route_score = None if math.isnan(route.score) else float(route.score)
+            result.route_reason = route.reason
         return results[0] if single else results
 
     def score(self, prompt: str, response: str) -> ScoreResult:
@@ -128,11 +196,12 @@ class ContinualLLM:
         logprobs), e.g. to check a reference answer without depending on greedy decoding."""
         pair = encode_pair(self.tokenizer, check_text("prompt", prompt), check_text("response", response),
                            add_eos=False)
-        logprobs = self.engine.prompt_logprobs([pair.input_ids], self._current)[0]
+        handle = self.bank.route([prompt])[0][0]
+        logprobs = self.engine.prompt_logprobs([pair.input_ids], handle)[0]
         tokens = logprobs[len(pair.prompt_ids):]
         total = float(sum(tokens))
         return ScoreResult(total, total / max(1, len(tokens)), len(tokens), tokens,
-                           self._current.version if self._current else None)
+                           handle.version if handle else None)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Sum log-probability of each (prompt, response) under the served version, in one batched vLLM call
@@ -147,7 +216,9 @@ class ContinualLLM:
                                        check_text(f"pairs[{i}][1]", pair[1]), add_eos=False))
         if not encoded:
             return []
-        logprobs = self.engine.prompt_logprobs([e.input_ids for e in encoded], self._current)
+        handles = [handle for handle, _ in self.bank.route([str(p[0]) for p in pairs])]
+        logprobs = self.engine.prompt_logprobs([e.input_ids for e in encoded],
+                                               handles if self.bank.is_bank else handles[0])
         return [float(sum(row[len(e.prompt_ids):])) for e, row in zip(encoded, logprobs, strict=True)]
 
     def evaluate_retention(self, test_sets: Sequence[Any]) -> RetentionReport:
@@ -163,7 +234,7 @@ class ContinualLLM:
         if isinstance(test_sets, (str, dict)) or not isinstance(test_sets, (list, tuple)) or not test_sets:
             raise InvalidInputError("test_sets must be a non-empty list of tasks (cl_core.streams.Task) or dicts "
                                     "{'name': ..., 'examples': [{'prompt': ..., 'answer': ...}]}")
-        version = self._current.version if self._current else None
+        version = None if self.bank.is_bank else (self._current.version if self._current else None)
         start = time.perf_counter()
         scores: dict[str, float] = {}
         for i, test_set in enumerate(test_sets):
@@ -217,17 +288,21 @@ class ContinualLLM:
     # --- learning -------------------------------------------------------------------------------------------
     @property
     def current_version(self) -> AdapterVersion | None:
-        """The version being served (None before the first publish: the bare base model)."""
-        if self._current is None:
-            return None
-        return next(v for v in self.versions if v.version == self._current.version)
+        """The version being served (None before the first publish: the bare base model). With a bank: the
+        version published last, of whichever adapter (`model.bank.get(name).current_version` for one)."""
+        if self.bank.is_bank:
+            published = [v for v in (lin.current_version for lin in self.bank.lineages.values()) if v is not None]
+            return max(published, key=lambda v: v.created_at) if published else None
+        return self._default.current_version
 
     def learn(self, epochs: int = 1, max_steps: int | None = None, wait: bool = True) -> LearnReport | Future:
         """Train on the experiences stored since the last round (plus replay) and publish a new version.
 
-        Raises `NothingToLearnError` when nothing new can be trained on. With `wait=False` returns a Future.
-        Experiences with reward ≤ 0 are kept for preference learning but not imitated; in `feedback` mode only
-        rated experiences and corrections are trained on.
+        With a bank, each experience trains one adapter (its task tag when that names an adapter, else the
+        router's choice, else a new adapter while `num_adapters` allows); only adapters that received data train
+        and publish, the others stay bit-identical. Raises `NothingToLearnError` when nothing new can be trained
+        on. With `wait=False` returns a Future. Experiences with reward ≤ 0 are kept for preference learning but
+        not imitated; in `feedback` mode only rated experiences and corrections are trained on.
         """
         if not isinstance(epochs, int) or epochs < 1:
             raise InvalidInputError(f"epochs must be a positive integer, got {epochs!r}")
@@ -251,18 +326,21 @@ class ContinualLLM:
         Trains until the learner's greedy decode reproduces the good response with `correction_margin` to spare
         (or `correction_max_steps`), replaying stored experiences alongside to protect what the model knew. The
         correction is stored as a preference pair (chosen=good, rejected=bad) and as a top-priority experience.
-        Blocks until the new version is served, unless `wait=False` (then returns a Future).
+        With a bank it trains the one adapter it is assigned to (as in `learn`). Blocks until the new version is
+        served, unless `wait=False` (then returns a Future).
         """
         check_text("prompt", prompt)
         check_text("bad_response", bad_response)
         check_text("good_response", good_response)
+        check_text("task", task)
+        self.bank.check_trainable(task)
         if bad_response.strip() == good_response.strip():
             raise InvalidInputError("bad_response and good_response are the same text: nothing to correct")
         pair = encode_pair(self.tokenizer, prompt, good_response)
         self.engine.check_prompt_ids(pair.input_ids, new_tokens=0)
         exp_id = self.store.add(prompt, good_response, reward=1.0, task=task, kind="correction")
         pref_id = self.store.add_preference(prompt, good_response, bad_response, task=task, experience_id=exp_id)
-        return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair), task), wait)
+        return self._submit(lambda: self._correction_round(exp_id, pref_id, Example(pair), task, prompt), wait)
 
     def reinforce_correction(self, experience_id: int) -> CorrectionReport:
         """Train on an already stored correction until it is the greedy answer with `correction_margin` to spare.
@@ -278,24 +356,69 @@ class ContinualLLM:
                                     "learn_from_correction or store.add(kind='correction')")
         pair = encode_pair(self.tokenizer, exp.prompt, exp.response)
         pref_id = next((p.id for p in self.store.preferences() if p.experience_id == experience_id), None)
-        return self._submit(lambda: self._correction_round(experience_id, pref_id, Example(pair), exp.task),
-                            wait=True)
+        return self._submit(lambda: self._correction_round(experience_id, pref_id, Example(pair), exp.task,
+                                                           exp.prompt), wait=True)
 
-    def correction_margin(self, prompt: str, response: str) -> float:
+    def correction_margin(self, prompt: str, response: str, adapter: str | None = None) -> float:
         """The learner's smallest log-probability margin of `response`'s tokens over each runner-up token
-        (≥ `correction_margin` means greedy decoding reproduces it, in the learner's precision)."""
-        return float(min(self._get_learner().token_margins(Example(encode_pair(self.tokenizer, prompt,
-                                                                                 response)))))
+        (≥ `correction_margin` means greedy decoding reproduces it, in the learner's precision). With a bank,
+        of the adapter `prompt` is routed to (or `adapter`)."""
+        example = Example(encode_pair(self.tokenizer, prompt, response))
+
+        def margin() -> float:
+            if self.bank.is_bank:
+                name = adapter or self.bank.route([prompt])[0][1].adapter
+                if name is None:
+                    raise InvalidInputError(f"{prompt[:60]!r} routes to the base model, which has no learner "
+                                            "adapter; name one with adapter=")
+                self._check_out(self.bank.get(name))
+            return float(min(self._get_learner().token_margins(example)))
+
+        return self._submit(margin, wait=True) if self.bank.is_bank else margin()
 
     def reactivate(self) -> None:
-        """Serve this model's current version again, e.g. after another model published into the same engine
+        """Serve this model's current versions again, e.g. after another model published into the same engine
         (in merged mode an engine serves whichever adapter was folded in last)."""
-        if self._current is not None:
-            self.engine.publish(self._current)
+        for lineage in self.bank.lineages.values():
+            if lineage.current is not None and lineage.status != "retired":
+                self.engine.publish(lineage.current)
 
+    # --- the bank's adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str) -> None:
+        """Open a new, empty adapter in the bank (experiences tagged with task `name` will train it)."""
+        self._submit(lambda: self.bank.add(name), wait=True)
+
+    def set_adapter_status(self, name: str, status: str) -> None:
+        """`frozen` (serves, never trains), `retired` (never routed to; versions kept), `active` (restores it).
+        Touches only that adapter: the others keep their versions, weights and routes."""
+        from cl_core.bank.manifest import ADAPTER_STATUSES
+
+        if status not in ADAPTER_STATUSES:
+            raise InvalidInputError(f"status {status!r} is not one of {', '.join(ADAPTER_STATUSES)}")
+        self._submit(lambda: self.bank.set_status(name, status), wait=True)
+
+    def bank_manifest(self, router_dir: str | None = None) -> BankManifest:
+        """The servable state of the bank: every adapter's current version and the router (its state is saved
+        by `save_checkpoint`, or by `save_router(model.bank.router, router_dir)`)."""
+        return self.bank.manifest(self.config.model, router_dir)
+
+    # --- learning rounds ------------------------------------------------------------------------------------
     def _submit(self, job: Callable[[], T], wait: bool) -> T | Future:
         future = self._executor.submit(job)
         return future.result() if wait else future
+
+    def _check_out(self, lineage: AdapterLineage) -> LoRALearner:
+        """Make the shared learner hold `lineage`'s weights and optimizer state (a no-op with one adapter)."""
+        learner = self._get_learner()
+        if not self.bank.is_bank or self._checked_out == lineage.name:
+            return learner
+        if self._fresh_lora is None:
+            self._fresh_lora = learner.lora_state()
+        if self._checked_out is not None and self._checked_out in self.bank.lineages:
+            self.bank.lineages[self._checked_out].check_in(learner)
+        lineage.check_out(learner, self._fresh_lora)
+        self._checked_out = lineage.name
+        return learner
 
     def _examples(self, experiences: Sequence[Experience]) -> list[tuple[Experience, Example]]:
         out = []
@@ -314,90 +437,136 @@ class ContinualLLM:
         items = self._examples(chosen)
         if not items:
             raise NothingToLearnError("every new experience is longer than max_model_len; nothing to learn")
-        by_task: dict[str, list[tuple[Experience, Example]]] = {}
-        for exp, example in items:  # task groups in the order their first experience arrived
-            by_task.setdefault(exp.task, []).append((exp, example))
-        examples = [ex for _, ex in items]
-        loss_before = _mean(self._losses(examples))
+        assigned = self.bank.assign([exp.prompt for exp, _ in items], [exp.task for exp, _ in items])
+        by_adapter: dict[str, list[tuple[Experience, Example]]] = {}
+        held = 0
+        for name, item in zip(assigned, items, strict=True):
+            if name is None:
+                held += 1
+            else:
+                by_adapter.setdefault(name, []).append(item)
+        if not by_adapter:
+            raise NothingToLearnError(f"all {held} new experiences are tagged for frozen or retired adapters, "
+                                      "which never train; restore the adapter (set_adapter_status) to learn them")
         steps = skipped = replayed = 0
+        losses_before: list[float] = []
         losses_after: dict[int, float] = {}
-        for task, group in by_task.items():
-            outcome = self._train_task(task, group, epochs, max_steps)
-            steps, skipped, replayed = steps + outcome[0], skipped + outcome[1], replayed + outcome[2]
-            losses_after |= outcome[3]
-        ids = [exp.id for exp, _ in items]
-        version, message = self._publish_if_healthy(steps, skipped, reason=f"learn: {len(examples)} experiences")
-        if version is not None:
-            self.store.mark_learned(ids, [_finite_or_none(losses_after[i]) for i in ids])
-        return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(examples), num_replayed=replayed,
-                           loss_before=loss_before, loss_after=_mean(list(losses_after.values())), version=version,
-                           seconds=time.perf_counter() - start, message=message, tasks=tuple(by_task))
+        published: dict[str, AdapterVersion] = {}
+        messages = [f"{held} experiences tagged for frozen or retired adapters were left untrained"] if held else []
+        tasks: list[str] = []
+        for name, adapter_items in by_adapter.items():
+            lineage = self.bank.get(name)
+            self._check_out(lineage)
+            losses_before.extend(self._losses([ex for _, ex in adapter_items]))
+            by_task: dict[str, list[tuple[Experience, Example]]] = {}
+            for exp, example in adapter_items:  # task groups in the order their first experience arrived
+                by_task.setdefault(exp.task, []).append((exp, example))
+            adapter_steps = adapter_skipped = 0
+            adapter_losses: dict[int, float] = {}
+            for task, group in by_task.items():
+                outcome = self._train_task(lineage, task, group, epochs, max_steps)
+                adapter_steps, adapter_skipped = adapter_steps + outcome[0], adapter_skipped + outcome[1]
+                replayed += outcome[2]
+                adapter_losses |= outcome[3]
+            steps, skipped = steps + adapter_steps, skipped + adapter_skipped
+            losses_after |= adapter_losses
+            tasks.extend(t for t in by_task if t not in tasks)
+            version, message = self._publish_if_healthy(lineage, adapter_steps, adapter_skipped,
+                                                        reason=f"learn: {len(adapter_items)} experiences")
+            if message:
+                messages.append(f"{name}: {message}" if self.bank.is_bank else message)
+            if version is not None:
+                published[name] = version
+                ids = [exp.id for exp, _ in adapter_items]
+                self.store.mark_learned(ids, [_finite_or_none(adapter_losses[i]) for i in ids])
+                self.bank.observe(name, [exp.prompt for exp, _ in adapter_items])
+        if published and self.bank.is_bank:
+            self.bank.refit()
+        last = max(published.values(), key=lambda v: v.created_at) if published else None
+        return LearnReport(steps=steps, skipped_steps=skipped, num_new=len(items), num_replayed=replayed,
+                           loss_before=_mean(losses_before), loss_after=_mean(list(losses_after.values())),
+                           version=last, seconds=time.perf_counter() - start, message="; ".join(messages),
+                           tasks=tuple(tasks), adapters=published)
 
-    def _train_task(self, task: str, group: Sequence[tuple[Experience, Example]], epochs: int,
-                    max_steps: int) -> tuple[int, int, int, dict[int, float]]:
+    def _train_task(self, lineage: AdapterLineage, task: str, group: Sequence[tuple[Experience, Example]],
+                    epochs: int, max_steps: int) -> tuple[int, int, int, dict[int, float]]:
         """Train one task's group of new examples between the methods' begin_task and end_task hooks."""
-        learner = self._get_learner()
+        learner = self._check_out(lineage)
+        methods = lineage.methods
         examples = [ex for _, ex in group]
         ids = [exp.id for exp, _ in group]
-        self.methods.begin_task(self.methods.task(task, examples, ids), learner)
-        masks = self.methods.trainable_mask(learner.lora_parameters())
-        new_per_step = self.config.batch_size - self.methods.replay_slots(self.config.batch_size)
+        methods.begin_task(methods.task(task, examples, ids), learner)
+        masks = methods.trainable_mask(learner.lora_parameters())
+        new_per_step = self.config.batch_size - methods.replay_slots(self.config.batch_size)
         steps = min(max_steps, math.ceil(len(examples) * epochs / new_per_step))
         order = [ex for _ in range(epochs) for ex in learner.shuffled(examples)]
         skipped = replayed = 0
         for step in range(steps):
             new = order[step * new_per_step:(step + 1) * new_per_step]  # never empty: steps ≤ len(order)/n
-            batch = self.methods.transform_batch(new, exclude_ids=ids)
+            batch = methods.transform_batch(new, exclude_ids=ids)
             replayed += len(batch) - len(new)
-            result = learner.step(batch, penalty=self.methods.penalty, masks=masks)
+            result = learner.step(batch, penalty=methods.penalty, masks=masks)
             skipped += result.skipped
             if not result.skipped:
-                self.methods.after_step(result.example_losses)
+                methods.after_step(result.example_losses)
         losses = self._losses(examples)
         if not self._adapter_finite():  # never consolidate broken weights; the round publishes nothing
             return steps, steps, replayed, dict(zip(ids, losses, strict=True))
-        edits = self.methods.end_task(self.methods.task(task, examples, ids, losses), learner)
+        edits = methods.end_task(methods.task(task, examples, ids, losses), learner)
         if edits:
             learner.assign(edits)
             losses = self._losses(examples)
         return steps, skipped, replayed, dict(zip(ids, losses, strict=True))
 
-    def _correction_round(self, exp_id: int, pref_id: int, example: Example, task: str) -> CorrectionReport:
+    def _correction_round(self, exp_id: int, pref_id: int | None, example: Example, task: str,
+                          prompt: str) -> CorrectionReport:
         start = time.perf_counter()
-        learner = self._get_learner()
+        name = self.bank.assign([prompt], [task])[0]
+        if name is None:
+            self.bank.check_trainable(task)  # raises: the adapter was frozen after the correction was stored
+        lineage = self.bank.get(str(name))
+        learner = self._check_out(lineage)
+        methods = lineage.methods
         c = self.config
         loss_before = self._losses([example])[0]
         steps = skipped = 0
-        self.methods.begin_task(self.methods.task(task, [example], [exp_id]), learner)
-        masks = self.methods.trainable_mask(learner.lora_parameters())
+        methods.begin_task(methods.task(task, [example], [exp_id]), learner)
+        masks = methods.trainable_mask(learner.lora_parameters())
         margin = min(learner.token_margins(example))
         while margin < c.correction_margin and steps < c.correction_max_steps:
-            batch = self.methods.transform_batch([example], exclude_ids=[exp_id])
+            batch = methods.transform_batch([example], exclude_ids=[exp_id])
             # The correction carries as much weight as all replayed examples together.
             batch[0] = Example(example.pair, weight=float(max(1, len(batch) - 1)))
-            result = learner.step(batch, learning_rate=c.correction_learning_rate, penalty=self.methods.penalty,
+            result = learner.step(batch, learning_rate=c.correction_learning_rate, penalty=methods.penalty,
                                   masks=masks)
             skipped += result.skipped
             if not result.skipped:
-                self.methods.after_step(result.example_losses)
+                methods.after_step(result.example_losses)
             steps += 1
             margin = min(learner.token_margins(example))
         loss_after = self._losses([example])[0]
         if steps and self._adapter_finite():
-            edits = self.methods.end_task(self.methods.task(task, [example], [exp_id], [loss_after]), learner)
+            edits = methods.end_task(methods.task(task, [example], [exp_id], [loss_after]), learner)
             if edits:
                 learner.assign(edits)
                 margin = min(learner.token_margins(example))
-        version, message = self._publish_if_healthy(steps, skipped, reason=f"correction (preference {pref_id})")
+        version, message = self._publish_if_healthy(lineage, steps, skipped,
+                                                    reason=f"correction (preference {pref_id})")
         if version is not None:
             self.store.mark_learned([exp_id], [_finite_or_none(loss_after)])
-        learned = margin >= c.correction_margin and version is not None
+            self.bank.observe(lineage.name, [prompt])
+            self.bank.refit()
+        elif steps == 0 and self.bank.is_bank and lineage.current is not None:
+            self.bank.observe(lineage.name, [prompt])  # already answered as corrected: still route it here
+            self.bank.refit()
+        learned = margin >= c.correction_margin and (version is not None or steps == 0)
         if not learned and not message:
             message = (f"the good response is not yet the greedy answer after {steps} steps (margin {margin:.2f}); "
                        "raise correction_max_steps or correction_learning_rate")
         return CorrectionReport(steps=steps, skipped_steps=skipped, loss_before=loss_before, loss_after=loss_after,
                                 min_margin=margin, learned=learned, version=version,
-                                seconds=time.perf_counter() - start, preference_id=pref_id, message=message)
+                                seconds=time.perf_counter() - start, preference_id=pref_id, message=message,
+                                adapter=lineage.name)
 
     def _losses(self, examples: Sequence[Example], chunk: int = 16) -> list[float]:
         learner = self._get_learner()
@@ -406,27 +575,31 @@ class ContinualLLM:
             out.extend(learner.example_losses(examples[i:i + chunk]).tolist())
         return out
 
-    def _publish_if_healthy(self, steps: int, skipped: int, reason: str) -> tuple[AdapterVersion | None, str]:
+    def _publish_if_healthy(self, lineage: AdapterLineage, steps: int, skipped: int,
+                            reason: str) -> tuple[AdapterVersion | None, str]:
         """Publish the learner's adapter unless training produced nothing usable; then restore the last good one."""
         healthy = self._adapter_finite()
         if steps == 0:
             return None, "already learned: the served version answers as asked, nothing published"
         if skipped == steps or not healthy:
-            self._restore_last_good()
+            self._restore_last_good(lineage)
             message = (f"all {steps} steps had a non-finite loss or gradient" if healthy else
                        "training produced non-finite adapter weights")
             log.warning("%s: update skipped, version %s keeps serving", message,
-                        self._current.version if self._current else "base")
+                        lineage.current.name if lineage.current else "base")
             return None, message + "; update skipped, the previous version keeps serving"
-        return self._publish(reason), ""
+        return self._publish(lineage, reason), ""
 
     def _adapter_finite(self) -> bool:
         return all(bool(p.isfinite().all()) for p in self._get_learner().lora_parameters().values())
 
-    def _restore_last_good(self) -> None:
+    def _restore_last_good(self, lineage: AdapterLineage) -> None:
         learner = self._get_learner()
-        if self._current is not None:
-            learner.load_adapter(Path(self._current.path))
+        if lineage.current is not None:
+            learner.load_adapter(Path(lineage.current.path))
+            return
+        if self._fresh_lora is not None:
+            learner.assign(self._fresh_lora)
             return
         for name, param in learner.model.named_parameters():
             if param.requires_grad and "lora_B" in name:
@@ -434,26 +607,16 @@ class ContinualLLM:
             elif param.requires_grad and not param.isfinite().all():
                 param.data.normal_(0, 0.01)
 
-    def _publish(self, reason: str) -> AdapterVersion:
-        number = self._next_version
-        path = self._get_learner().save_adapter(self.work_dir / "adapters" / f"v{number}")
-        return self._serve(number, path, reason, parent=self._current.version if self._current else None)
+    def _publish(self, lineage: AdapterLineage, reason: str) -> AdapterVersion:
+        number = lineage.next_version
+        path = self._get_learner().save_adapter(lineage.version_path(number))
+        return lineage.serve(self.engine, number, path, reason,
+                             parent=lineage.current.version if lineage.current else None)
 
     def _serve(self, number: int, path: Path, reason: str, parent: int | None,
                created_at: float | None = None) -> AdapterVersion:
-        handle = self.engine.new_handle(self._namespace, number, str(path))
-        self.engine.publish(handle)  # raises PublishError; the previous version keeps serving
-        previous, self._current = self._current, handle
-        if previous is not None:
-            self.engine.retire(previous)
-        version = AdapterVersion(version=number, name=handle.name, path=str(path),
-                                 created_at=created_at or time.time(), parent=parent, reason=reason)
-        self.versions.append(version)
-        self._next_version = number + 1
-        (self.work_dir / "adapters" / "versions.json").write_text(
-            json.dumps([v.to_dict() for v in self.versions], indent=2))
-        log.info("published %s (%s)", handle.name, reason)
-        return version
+        """Serve a saved version of the single adapter (benchmarks that bring their own adapter use it)."""
+        return self._default.serve(self.engine, number, path, reason, parent, created_at)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -479,15 +642,21 @@ class ContinualLLM:
             shutil.copytree(self.work_dir / "adapters", tmp / "adapters",
                             ignore=shutil.ignore_patterns(".*"))
             self.store.backup_to(tmp / "experiences.sqlite")
-            if self._learner is not None:
-                (tmp / "learner").mkdir()
-                self._learner.save_state(tmp / "learner")
-            self.methods.save(tmp / "methods")
-            manifest = {"format": CHECKPOINT_FORMAT, "base_model": self.config.model,
-                        "base_fingerprint": model_fingerprint(self.model_path),
-                        "current_version": self._current.version if self._current else None,
-                        "next_version": self._next_version, "versions": [v.to_dict() for v in self.versions],
-                        "saved_at": time.time()}
+            if self.bank.is_bank:
+                bank_state = self._submit(lambda: self._save_bank(tmp / "bank"), wait=True)
+                manifest = {"format": CHECKPOINT_FORMAT, "base_model": self.config.model,
+                            "base_fingerprint": model_fingerprint(self.model_path), "bank": bank_state,
+                            "saved_at": time.time()}
+            else:
+                if self._learner is not None:
+                    (tmp / "learner").mkdir()
+                    self._learner.save_state(tmp / "learner")
+                self.methods.save(tmp / "methods")
+                manifest = {"format": CHECKPOINT_FORMAT, "base_model": self.config.model,
+                            "base_fingerprint": model_fingerprint(self.model_path),
+                            "current_version": self._current.version if self._current else None,
+                            "next_version": self._next_version, "versions": [v.to_dict() for v in self.versions],
+                            "saved_at": time.time()}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             old = None
             if path.exists():
@@ -544,7 +713,76 @@ class ContinualLLM:
             raise
         return model
 
+    def _save_bank(self, directory: Path) -> dict[str, Any]:
+        """Every lineage's training state and methods, and the router; returns what the manifest records."""
+        from safetensors.torch import save_file
+
+        directory.mkdir()
+        learner = self._learner
+        if learner is not None and self._checked_out in self.bank.lineages:
+            self.bank.lineages[self._checked_out].check_in(learner)
+        lineages = []
+        for lineage in self.bank.lineages.values():
+            own = directory / lineage.name
+            own.mkdir()
+            lineage.methods.save(own / "methods")
+            if lineage.learner_state is not None:
+                weights, tensors, meta = lineage.learner_state
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(own / "lora.safetensors"))
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(own / "optimizer.safetensors"))
+                (own / "learner.json").write_text(json.dumps(meta))
+            lineages.append({"name": lineage.name, "status": lineage.status, "next_version": lineage.next_version,
+                             "current_version": lineage.current.version if lineage.current else None,
+                             "versions": [v.to_dict() for v in lineage.versions]})
+        assert self.bank.router is not None
+        save_router(self.bank.router, directory / "router")
+        return {"router": self.bank.router.name, "lineages": lineages, "calibration": self.bank.calibration}
+
+    def _restore_bank(self, path: Path, state: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        learner = self._get_learner()
+        self._fresh_lora = learner.lora_state()
+        if self.bank.router is not None:
+            saved_router = load_router(path / "bank" / "router")
+            if saved_router.name != self.bank.router.name:
+                raise CheckpointError(f"the checkpoint's router is {saved_router.name!r} but the config asks for "
+                                      f"{self.bank.router.name!r}; load it with adapter_routing="
+                                      f"{saved_router.name!r}")
+        for entry in state["lineages"]:
+            lineage = self.bank.add(entry["name"])
+            own = path / "bank" / lineage.name
+            if (own / "methods").is_dir():
+                lineage.methods.load(own / "methods")
+            if (own / "lora.safetensors").exists():
+                lineage.learner_state = (load_file(str(own / "lora.safetensors")),
+                                         load_file(str(own / "optimizer.safetensors")),
+                                         json.loads((own / "learner.json").read_text()))
+            saved = [AdapterVersion(**v) for v in entry["versions"]]
+            shutil.copytree(path / "adapters" / lineage.name, lineage.directory, dirs_exist_ok=True)
+            current = entry["current_version"]
+            lineage.versions = [AdapterVersion(**(v.to_dict() | {"path": str(lineage.version_path(v.version))}))
+                                for v in saved if v.version != current]
+            if current is not None:
+                target = next(v for v in saved if v.version == current)
+                lineage.serve(self.engine, current, lineage.version_path(current), target.reason, target.parent,
+                              created_at=target.created_at)
+            lineage.next_version = int(entry["next_version"])
+            lineage.status = entry["status"]
+        self.bank.router = saved_router
+        for lineage in self.bank.lineages.values():
+            if lineage.status == "retired" and lineage.current is not None:
+                self.engine.retire(lineage.current)
+        self.bank.calibration = dict(state.get("calibration") or {})
+
     def _restore(self, path: Path, manifest: dict[str, Any]) -> None:
+        if "bank" in manifest:
+            if not self.bank.is_bank:
+                raise CheckpointError(f"{path} holds a bank of adapters; load it with num_adapters > 1")
+            self._restore_bank(path, manifest["bank"])
+            return
+        if self.bank.is_bank:
+            raise CheckpointError(f"{path} holds a single adapter; load it with num_adapters=1")
         saved = [AdapterVersion(**v) for v in manifest["versions"]]
         for version in saved:
             shutil.copytree(path / "adapters" / f"v{version.version}", self.work_dir / "adapters" /
@@ -555,16 +793,15 @@ class ContinualLLM:
             learner.load_state(path / "learner")
         if (path / "methods").is_dir():
             self.methods.load(path / "methods")
-        self.versions = [AdapterVersion(**(v.to_dict() | {"path": str(self.work_dir / "adapters" /
-                                                                      f"v{v.version}")})) for v in saved
-                         if v.version != current]
+        lineage = self._default
+        lineage.versions = [AdapterVersion(**(v.to_dict() | {"path": str(lineage.version_path(v.version))}))
+                            for v in saved if v.version != current]
         if current is not None:
             target = next(v for v in saved if v.version == current)
-            learner.load_adapter(self.work_dir / "adapters" / f"v{current}")
-            self._serve(current, self.work_dir / "adapters" / f"v{current}", target.reason, target.parent,
-                        created_at=target.created_at)
-            self.versions.sort(key=lambda v: v.version)
-        self._next_version = int(manifest["next_version"])
+            learner.load_adapter(lineage.version_path(current))
+            lineage.serve(self.engine, current, lineage.version_path(current), target.reason, target.parent,
+                          created_at=target.created_at)
+        lineage.next_version = int(manifest["next_version"])
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -593,6 +830,18 @@ def _as_text_list(value: Any, name: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not value:
         raise InvalidInputError(f"{name} must be a str or a non-empty list of str, got {type(value).__name__}")
     return [check_text(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _tasks(task: str | Sequence[str | None] | None, n: int) -> list[str | None]:
+    """One task id (or None) per prompt, from one for all or a list of n."""
+    if task is None or isinstance(task, str):
+        return [task] * n
+    if not isinstance(task, (list, tuple)) or len(task) != n:
+        raise InvalidInputError(f"task must be a str, None or a list of one per prompt ({n}), got {task!r}")
+    for i, t in enumerate(task):
+        if t is not None and not isinstance(t, str):
+            raise InvalidInputError(f"task[{i}] must be a str or None, got {type(t).__name__}")
+    return list(task)
 
 
 def _finite_or_none(value: float) -> float | None:

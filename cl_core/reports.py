@@ -18,6 +18,8 @@ class AdapterVersion:
     parent: int | None
     reason: str
     metrics: dict[str, float] = field(default_factory=dict)
+    adapter: str = "default"
+    """The bank adapter this is a version of (`default` for a model with one adapter)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,6 +39,8 @@ class LearnReport:
     seconds: float
     message: str = ""
     tasks: tuple[str, ...] = ()
+    adapters: dict[str, AdapterVersion] = field(default_factory=dict)
+    """With a bank: the version each trained adapter published this round (the others did not change)."""
 
     @property
     def published(self) -> bool:
@@ -57,6 +61,8 @@ class CorrectionReport:
     seconds: float
     preference_id: int | None
     message: str = ""
+    adapter: str = "default"
+    """The bank adapter the correction trained."""
 
 
 @dataclass(frozen=True)

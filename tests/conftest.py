@@ -28,7 +28,8 @@ def _engine(model_dir: Path, mode: str):
     from cl_core.engine import EngineSettings, VLLMEngine
 
     return VLLMEngine(EngineSettings(model_path=str(model_dir), serving_mode=mode, dtype="float32",
-                                     max_model_len=TINY_MAX_LEN, max_lora_rank=8, kv_cache_gib=0.1))
+                                     max_model_len=TINY_MAX_LEN, max_lora_rank=8, kv_cache_gib=0.1,
+                                     max_loras=2 if mode == "lora" else 1))
 
 
 @pytest.fixture(scope="session")

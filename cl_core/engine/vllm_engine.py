@@ -48,12 +48,19 @@ class AdapterHandle:
 
 
 class Generation(str):
-    """Generated text (a `str`) that also tells which adapter version produced it."""
+    """Generated text (a `str`) that also tells which adapter version produced it.
+
+    `adapter_name` is the served name (`facts@v3`); with a bank, `adapter` is the bank adapter that answered
+    (`base` when the router sent the request to the bare base model) and `route_score` the router's confidence.
+    """
 
     adapter_version: int | None
     adapter_name: str | None
     finish_reason: str | None
     token_ids: tuple[int, ...]
+    adapter: str | None = None
+    route_score: float | None = None
+    route_reason: str = ""
 
     def __new__(cls, text: str, adapter: AdapterHandle | None, finish_reason: str | None,
                 token_ids: Sequence[int]) -> Generation:
@@ -189,8 +196,18 @@ class VLLMEngine(EngineBase):
         self.llm.reset_prefix_cache()
         self._merged = handle
 
-    def _route(self, adapter: AdapterHandle | None) -> Any:
-        """The LoRA request for `adapter` (lora mode), or make the merged weights match it (merged mode)."""
+    def _route(self, adapter: AdapterHandle | Sequence[AdapterHandle | None] | None) -> Any:
+        """The LoRA request for `adapter` (lora mode), or make the merged weights match it (merged mode).
+
+        A sequence gives one adapter per prompt (a bank's mixed batch): vLLM batches different LoRAs, and the bare
+        base, in one step. Merged weights hold one adapter at a time, so there a mixed batch is refused."""
+        if isinstance(adapter, (list, tuple)):
+            if self.serving_mode == "lora":
+                return [self._lora_request(a) if a else None for a in adapter]
+            if len(set(adapter)) > 1:
+                raise InvalidInputError("merged mode folds one adapter into the weights at a time, so one batch "
+                                        "cannot mix adapters; serve the bank in lora mode")
+            adapter = adapter[0] if adapter else None
         if self.serving_mode == "lora":
             return self._lora_request(adapter) if adapter else None
         self._merge(adapter)
@@ -198,8 +215,8 @@ class VLLMEngine(EngineBase):
 
     # --- requests -------------------------------------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: dict[str, Any],
-                 adapter: AdapterHandle | None) -> list[Generation]:
-        """Generate for each tokenized prompt with the given adapter version."""
+                 adapter: AdapterHandle | Sequence[AdapterHandle | None] | None) -> list[Generation]:
+        """Generate for each tokenized prompt with the given adapter version (or one per prompt)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -220,11 +237,12 @@ class VLLMEngine(EngineBase):
         with self._lock:
             outputs = self.llm.generate(prompts, sampling_params, use_tqdm=False,
                                         lora_request=self._route(adapter))
-        return [Generation(out.outputs[0].text, adapter, out.outputs[0].finish_reason, out.outputs[0].token_ids)
-                for out in outputs]
+        adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(outputs)
+        return [Generation(out.outputs[0].text, a, out.outputs[0].finish_reason, out.outputs[0].token_ids)
+                for out, a in zip(outputs, adapters, strict=True)]
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]],
-                        adapter: AdapterHandle | None) -> list[list[float]]:
+                        adapter: AdapterHandle | Sequence[AdapterHandle | None] | None) -> list[list[float]]:
         """Log-probability of every token given the ones before it (position 0 has none: NaN)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

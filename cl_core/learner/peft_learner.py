@@ -225,6 +225,33 @@ class LoRALearner:
             margins.append(best - float(row.max()))
         return margins
 
+    def generate_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None,
+                        chunk: int = 16) -> list[list[int]]:
+        """The adapter's greedy continuation of each encoded prompt (new token ids, up to and including the first
+        `eos_token_id`), for methods that rehearse the model's own answers (`neighbourhood`). Read-only: the
+        weights and the optimizer are untouched."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id)
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), chunk):
+            rows = [list(p) for p in prompts[i:i + chunk]]
+            length = max(len(r) for r in rows)
+            input_ids = torch.zeros((len(rows), length), dtype=torch.long)
+            attention = torch.zeros((len(rows), length), dtype=torch.long)
+            for row, ids in enumerate(rows):  # left-padded, like training batches
+                input_ids[row, length - len(ids):] = torch.tensor(ids)
+                attention[row, length - len(ids):] = 1
+            with torch.no_grad(), self._autocast():
+                generated = self.model.generate(input_ids=input_ids.to(self.device),
+                                                attention_mask=attention.to(self.device), generation_config=config)
+            for tokens in generated[:, length:].tolist():
+                if eos_token_id is not None and eos_token_id in tokens:
+                    tokens = tokens[:tokens.index(eos_token_id) + 1]
+                out.append(tokens)
+        return out
+
     def token_logprobs(self, input_ids: Sequence[int]) -> list[float]:
         """Log-probability of each token given the previous ones (NaN at position 0), like vLLM's prompt logprobs."""
         ids = torch.tensor([list(input_ids)], device=self.device)

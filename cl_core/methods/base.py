@@ -43,6 +43,13 @@ class MethodSettings:
     replay_memory: int = 1000
     batch_size: int = 8
     seed: int = 0
+    neighbourhood_size: int = 8
+    neighbourhood_answer_tokens: int = 32
+    neighbourhood_memory: int = 1000
+    neighbourhood_pool: str = "builtin"
+    neighbourhood_anchor: str = "first"
+    neighbourhood_weight: float = 1.0
+    neighbourhood_recall: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> MethodSettings:

@@ -7,7 +7,7 @@ from cl_core import ConfigError, ContinualConfig
 BAD_VALUES = [
     ("lora_rank", 0), ("lora_rank", -4), ("lora_rank", 2.5), ("lora_rank", True), ("lora_rank", 1024),
     ("lora_alpha", -1.0), ("lora_dropout", 1.0), ("target_modules", ()), ("num_adapters", 0),
-    ("num_adapters", 3), ("adapter_routing", "random"), ("learning_mode", "sometimes"),
+    ("num_adapters", 2.5), ("adapter_routing", "random"), ("router_calibration", ""), ("learning_mode", "sometimes"),
     ("update_frequency", 0), ("batch_size", 0), ("learning_rate", 0.0), ("learning_rate", math.nan),
     ("learning_rate", "1e-4"), ("max_steps", 0), ("anti_forgetting", "magic"), ("anti_forgetting", ()),
     ("anti_forgetting", ("none", "replay")), ("ewc_lambda", -0.1), ("replay_ratio", 1.0), ("replay_ratio", -0.1),
@@ -33,6 +33,17 @@ def test_bad_value_names_field_and_value(field, value):
     message = str(info.value)
     assert f"ContinualConfig.{field}=" in message
     assert "invalid" in message
+
+
+def test_a_bank_is_accepted_in_lora_mode_and_refused_in_merged_mode():
+    assert ContinualConfig(num_adapters=4, adapter_routing="task_id").num_adapters == 4
+    with pytest.raises(ConfigError, match="serving_mode='lora'"):
+        ContinualConfig(num_adapters=2, serving_mode="merged")
+
+
+def test_unknown_router_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match="task_id"):
+        ContinualConfig(num_adapters=2, adapter_routing="random")
 
 
 def test_choice_errors_list_allowed_values():

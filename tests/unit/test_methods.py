@@ -97,7 +97,8 @@ def snapshot(learner: LoRALearner) -> dict[str, torch.Tensor]:
 
 
 def test_every_shipped_method_is_registered():
-    assert set(available_methods()) == {"none", "replay", "ewc", "l2", "packnet", "progressive", "olora"}
+    assert set(available_methods()) == {"none", "replay", "ewc", "l2", "packnet", "progressive", "olora",
+                                      "neighbourhood"}
     with pytest.raises(InvalidInputError, match="known: .*ewc"):
         make_method("magic", SETTINGS)
 
