@@ -49,7 +49,7 @@ def register() -> None:
     """Patch vLLM's CPU LoRA ops (idempotent; a no-op where the module or the ops are not there)."""
     try:
         from vllm.lora.ops.torch_ops import lora_ops
-    except Exception:  # noqa: BLE001 - another vLLM layout: nothing to fix here
+    except Exception:
         return
     if getattr(lora_ops.bgmv_shrink, _PATCHED_FLAG, False):
         return
@@ -60,7 +60,7 @@ def register() -> None:
     for name in ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu"):
         try:
             modules.append(__import__(name, fromlist=["_"]))
-        except Exception:  # noqa: BLE001 - e.g. the CPU punica wrapper is absent from a GPU build
+        except Exception:
             continue
     for module in modules:
         for name, op in patched.items():
