@@ -39,3 +39,17 @@ def tokenizer(config: PipelineConfig) -> Any:
     from cl_core.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(config.training.continual.model))
+
+
+def champion_bank(config: PipelineConfig) -> Any:
+    """The bank manifest the gateways serve now (`$CL_ADAPTER_DIR/bank.json`, written by promotion), or None
+    before the first bank promotion of this registered model."""
+    from pathlib import Path
+
+    from cl_core.bank.manifest import MANIFEST_FILE, BankManifest
+
+    path = Path(config.endpoints.adapter_dir) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    manifest = BankManifest.load(path)
+    return manifest if manifest.metadata.get("model_name") == config.model_name else None

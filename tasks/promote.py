@@ -36,9 +36,22 @@ def promote_version(config: PipelineConfig, version: int, expected_champion: int
             "what the newer champion learned. Nothing was changed; the next scheduled run trains from the new "
             "champion.")
     path = Path(config.endpoints.adapter_dir) / config.model_name / f"v{version}"
-    if not (path / "adapter_config.json").exists():
+    if not (path / "adapter_config.json").exists() and not (path / "bank.json").exists():
         registry.download_adapter(version, path)
     deployment = clients.deployment(config)
+    if (path / "bank.json").exists():
+        result = _promote_bank(config, deployment, path, version)
+        registry.set_alias(version, "champion")
+        registry.mark(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "promotion": reason, "promoted_from": str(current or "base")})
+        create_markdown_artifact(
+            key="promotion", description="Bank promotion to the vLLM deployment",
+            markdown=(f"## The gateway now routes `{config.stable_name}` to bank v{version} on "
+                      f"{len(config.endpoints.vllm_urls)} replica(s)\n\nServed: `{result.version_name}`; previous "
+                      f"champion: {'v' + str(current) if current else 'base model'}; reason: {reason}\n\n"
+                      f"| | seconds |\n|---|---|\n| stage + verify on all replicas | {result.stage_s:.3f} |\n"
+                      f"| switch the manifest | {result.switch_s:.3f} |\n"))
+        return result
     name = f"{config.stable_name}@v{version}"
     result = (deployment.promote(name, str(path)) if check_order else deployment.rollback(str(path), name))
     registry.set_alias(version, "champion")
@@ -63,3 +76,24 @@ def _retire_old(config: PipelineConfig, deployment: Any, keep: set[int | None]) 
     for number in loaded[:-config.keep_versions] if len(loaded) > config.keep_versions else []:
         if number not in keep:
             deployment.retire(f"{prefix}{number}")
+
+
+def _promote_bank(config: PipelineConfig, deployment: Any, bundle: Path, version: int) -> Any:
+    """Stage every adapter of the registered bundle on every replica, then point the gateways at its manifest
+    (`$CL_ADAPTER_DIR/bank.json`); served names of the previous manifest stay loaded (the rollback target)."""
+    from cl_core.bank.manifest import MANIFEST_FILE, BankManifest
+    from cl_core.pipeline.bank import load_bundle
+
+    manifest = load_bundle(bundle)
+    manifest = BankManifest(manifest.base_model, manifest.router, manifest.router_dir, manifest.adapters,
+                            manifest.metadata | {"model_name": config.model_name, "registry_version": version})
+    target = Path(config.endpoints.adapter_dir) / MANIFEST_FILE
+    previous = BankManifest.load(target) if target.exists() else None
+    result = deployment.promote_bank(manifest, target)
+    keep = set(manifest.served_names(config.stable_name).values())
+    keep |= set(previous.served_names(config.stable_name).values()) if previous else set()
+    prefix = f"{config.stable_name}-"
+    for name in deployment.servers[0].models():
+        if name.startswith(prefix) and "@v" in name and name not in keep:
+            deployment.retire(name)
+    return result

@@ -29,11 +29,23 @@ def register_candidate(config: PipelineConfig, outcome: Any, evaluation: Any, de
                "quarantine": validation.quarantine_key or ""}
     training = {f"train.{k}": float(v) for k, v in outcome.stats.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    adapter_dir, tags = outcome.adapter_dir, {"tasks": ",".join(outcome.tasks)}
+    if outcome.bank is not None:  # one registered version = the whole bank: every adapter's version + the router
+        import json
+        from pathlib import Path
+
+        from cl_core.pipeline.bank import write_bundle
+
+        adapter_dir = Path(config.state_dir) / "runs" / run_id / "bundle"
+        write_bundle(outcome.bank, adapter_dir, metadata={"model_name": config.model_name})
+        tags |= {"bank": outcome.bank.router, "bank_versions": json.dumps(outcome.bank.lineage_versions),
+                 "bank_changed": ",".join(outcome.bank.changed)}
+        params |= {"num_adapters": c.num_adapters, "adapter_routing": c.adapter_routing}
     version = registry.log_candidate(
         params=params, metrics={"candidate": evaluation.candidate, "champion": evaluation.champion, **training},
-        adapter_dir=outcome.adapter_dir, checkpoint_dir=outcome.checkpoint_dir, gx_result=validation.gx_result,
+        adapter_dir=adapter_dir, checkpoint_dir=outcome.checkpoint_dir, gx_result=validation.gx_result,
         data_docs_dir=validation.data_docs, decision=decision, lineage=lineage,
-        tags={"tasks": ",".join(outcome.tasks)}, run_name=f"round-{run_id[:8]}", idempotency_key=run_id)
+        tags=tags, run_name=f"round-{run_id[:8]}", idempotency_key=run_id)
     create_link_artifact(key="mlflow-version", link=version.version_url,
                          link_text=f"{config.model_name} v{version.version} in MLflow",
                          description=f"Registered adapter version ({decision.verdict})")

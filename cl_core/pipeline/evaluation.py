@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -74,6 +74,8 @@ class ItemResult:
     contains: bool
     logprob: float
     n_tokens: int
+    served: str = ""
+    """The served name that answered (with a bank: the routed adapter version, or `base`)."""
 
 
 # --- pure metric functions -----------------------------------------------------------------------------------
@@ -88,10 +90,10 @@ def contains_match(output: str, target: str) -> bool:
     return bool(needle) and needle in normalize_answer(output)
 
 
-def score_item(item: EvalItem, output: str, logprob: float, n_tokens: int) -> ItemResult:
+def score_item(item: EvalItem, output: str, logprob: float, n_tokens: int, served: str = "") -> ItemResult:
     return ItemResult(item=item, output=output, exact=exact_match(output, item.answer),
                       contains=contains_match(output, item.fact or item.answer), logprob=float(logprob),
-                      n_tokens=int(n_tokens))
+                      n_tokens=int(n_tokens), served=served)
 
 
 def summarize(results: Iterable[ItemResult]) -> dict[str, float]:
@@ -157,12 +159,13 @@ def load_probes() -> list[EvalItem]:
 
 
 # --- through a server --------------------------------------------------------------------------------------------
-def evaluate_items(server: str | VLLMServer, tokenizer: Any, model_name: str, items: Sequence[EvalItem],
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> list[ItemResult]:
+def evaluate_items(server: str | VLLMServer, tokenizer: Any, model_name: str | Sequence[str],
+                   items: Sequence[EvalItem], max_tokens: int = DEFAULT_MAX_TOKENS) -> list[ItemResult]:
     """Ask `model_name` every item (greedy chat) and score the reference answers' log-probabilities.
 
-    `max_tokens` is raised to fit the longest reference (+4 tokens), so a long reference is never cut short
-    and marked wrong for that reason alone.
+    `model_name` is one served name for all items, or one per item (a bank: each item goes to the adapter its
+    router picks, or to `base`). `max_tokens` is raised to fit the longest reference (+4 tokens), so a long
+    reference is never cut short and marked wrong for that reason alone.
     """
     items = list(items)
     if not items:
@@ -170,12 +173,21 @@ def evaluate_items(server: str | VLLMServer, tokenizer: Any, model_name: str, it
     if not isinstance(server, VLLMServer):
         with VLLMServer(server) as client:
             return evaluate_items(client, tokenizer, model_name, items, max_tokens)
+    names = [model_name] * len(items) if isinstance(model_name, str) else list(model_name)
+    if len(names) != len(items) or not all(isinstance(n, str) and n for n in names):
+        raise InvalidInputError(f"model_name must be one served name or one per item ({len(items)}), got "
+                                f"{len(names)} names")
     tokenizer = load_tokenizer(tokenizer)
     longest = max(len(tokenizer(item.answer, add_special_tokens=False)["input_ids"]) for item in items)
-    outputs = server.chat(model_name, [item.prompt for item in items], max_tokens=max(max_tokens, longest + 4))
-    refs = server.reference_logprobs(model_name, tokenizer, [(item.prompt, item.answer) for item in items])
-    return [score_item(item, output, ref.mean, ref.n_tokens) for item, output, ref in zip(items, outputs, refs,
-                                                                                           strict=True)]
+    results: list[ItemResult | None] = [None] * len(items)
+    for name in dict.fromkeys(names):
+        chosen = [i for i, n in enumerate(names) if n == name]
+        group = [items[i] for i in chosen]
+        outputs = server.chat(name, [item.prompt for item in group], max_tokens=max(max_tokens, longest + 4))
+        refs = server.reference_logprobs(name, tokenizer, [(item.prompt, item.answer) for item in group])
+        for i, item, output, ref in zip(chosen, group, outputs, refs, strict=True):
+            results[i] = score_item(item, output, ref.mean, ref.n_tokens, served=name)
+    return [r for r in results if r is not None]
 
 
 def evaluate(server: str | VLLMServer, tokenizer: Any, model_name: str, items: Sequence[EvalItem],
@@ -255,14 +267,31 @@ class EvaluationReport:
         return out
 
 
-def compare(server: str | VLLMServer, tokenizer: Any, candidate: str, champion: str = "base",
-            heldout: Iterable[Any] = (), corrections: Iterable[Any] = (), probes: Iterable[Any] = (),
-            replayed: Iterable[Any] = (), max_tokens: int = DEFAULT_MAX_TOKENS) -> EvaluationReport:
-    """Evaluate the candidate and the champion (a served name, or "base" before the first promotion) on the same
-    items through the same server; empty groups are left out of both sides."""
-    if candidate == champion:
-        raise InvalidInputError(f"candidate and champion are the same name '{candidate}': load the candidate "
-                                f"under its own name first")
+@dataclass(frozen=True)
+class RoutedModel:
+    """A bank as evaluation sees it: a label for reports and, per prompt, the served name the router picks."""
+
+    label: str
+    names_for: Callable[[Sequence[str]], list[str]]
+
+
+def _names(model: str | RoutedModel, items: Sequence[EvalItem]) -> str | list[str]:
+    return model if isinstance(model, str) else model.names_for([item.prompt for item in items])
+
+
+def _label(model: str | RoutedModel) -> str:
+    return model if isinstance(model, str) else model.label
+
+
+def compare(server: str | VLLMServer, tokenizer: Any, candidate: str | RoutedModel,
+            champion: str | RoutedModel = "base", heldout: Iterable[Any] = (), corrections: Iterable[Any] = (),
+            probes: Iterable[Any] = (), replayed: Iterable[Any] = (),
+            max_tokens: int = DEFAULT_MAX_TOKENS) -> EvaluationReport:
+    """Evaluate the candidate and the champion (a served name, "base" before the first promotion, or a routed
+    bank) on the same items through the same server; empty groups are left out of both sides."""
+    if _label(candidate) == _label(champion):
+        raise InvalidInputError(f"candidate and champion are the same name '{_label(candidate)}': load the "
+                                "candidate under its own name first")
     if not isinstance(server, VLLMServer):
         with VLLMServer(server) as client:
             return compare(client, tokenizer, candidate, champion, heldout, corrections, probes, replayed, max_tokens)
@@ -270,12 +299,14 @@ def compare(server: str | VLLMServer, tokenizer: Any, candidate: str, champion: 
     items = (as_items("heldout", heldout) + as_items("corrections", corrections) + as_items("probe", probes)
              + as_items("replay", replayed))
     start = time.perf_counter()
-    log.info("evaluating %s and %s on %d items through %s", candidate, champion, len(items), server.base_url)
-    cand_results = evaluate_items(server, tokenizer, candidate, items, max_tokens)
-    log.info("%s evaluated in %.0f s", candidate, time.perf_counter() - start)
-    champ_results = evaluate_items(server, tokenizer, champion, items, max_tokens)
+    log.info("evaluating %s and %s on %d items through %s", _label(candidate), _label(champion), len(items),
+             server.base_url)
+    cand_results = evaluate_items(server, tokenizer, _names(candidate, items), items, max_tokens)
+    log.info("%s evaluated in %.0f s", _label(candidate), time.perf_counter() - start)
+    champ_results = evaluate_items(server, tokenizer, _names(champion, items), items, max_tokens)
     cand, champ = summarize(cand_results), summarize(champ_results)
-    return EvaluationReport(candidate_name=candidate, champion_name=champion, candidate=cand, champion=champ,
+    return EvaluationReport(candidate_name=_label(candidate), champion_name=_label(champion), candidate=cand,
+                            champion=champ,
                             derived=derive(cand, champ), candidate_results=cand_results,
                             champion_results=champ_results, seconds=time.perf_counter() - start)
 

@@ -40,6 +40,7 @@ from urllib.parse import quote
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from cl_core.bank.manifest import MANIFEST_FILE as BANK_MANIFEST_FILE
 from cl_core.pipeline.gate import DERIVED_METRICS, GateDecision, derive
 from mlflow import MlflowClient
 
@@ -416,6 +417,8 @@ class AdapterRegistry:
         mv = self._require_version(int(version))
         dst = Path(dst)
         path = self._download(mv.source, dst, overwrite, f"download adapter v{version}")
+        if (path / BANK_MANIFEST_FILE).is_file():
+            return path
         missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(f"version {version} adapter at {mv.source} lacks {missing}; it is not a PEFT "
@@ -564,6 +567,8 @@ def _param_value(value: Any) -> str:
 
 def _check_adapter_dir(path: str | Path) -> Path:
     path = Path(path)
+    if (path / BANK_MANIFEST_FILE).is_file():  # a bank bundle: bank.json + one PEFT directory per adapter + router
+        return path
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
     if not path.is_dir() or missing:
         raise FileNotFoundError(f"adapter_dir {path} must be a PEFT adapter directory (save_pretrained output); "

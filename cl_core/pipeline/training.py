@@ -24,6 +24,7 @@ from cl_core.continual import ContinualLLM
 from cl_core.engine import DetachedEngine
 from cl_core.errors import ConfigError, NothingToLearnError
 from cl_core.models import model_fingerprint, resolve_model
+from cl_core.pipeline.bank import BankCandidate, bank_candidate
 from cl_core.pipeline.config import PipelineConfig, training_threads
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class TrainingOutcome:
     replayed: list[QA]
     stats: dict[str, float] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
+    bank: BankCandidate | None = None
+    """With a bank (`training.num_adapters` > 1): every adapter's version and which ones this round changed."""
 
 
 def is_heldout(record_id: str, fraction: float) -> bool:
@@ -94,12 +97,16 @@ def load_anchor_prompts(spec: str | None) -> list[str]:
 
 def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Path,
                     champion_checkpoint: Path | None, parent_version: int | None,
-                    anchors: Sequence[tuple[str, str]] = ()) -> TrainingOutcome:
+                    anchors: Sequence[tuple[str, str]] = (),
+                    version_floor: dict[str, int] | None = None) -> TrainingOutcome:
     """Continue the champion's learning on `records` (validated `ExperienceRecord`s) and save the candidate.
 
     `anchors` ((prompt, answer the served model gives) pairs) start a new lineage: they are learned first as task
     "anchor" (a near no-op for the weights, since they are the model's own answers), which puts them in the
     replay memory and gives EWC a Fisher of the model's general behaviour before the first real batch.
+
+    `version_floor` (a bank: adapter -> highest lineage version any registered candidate used) makes this
+    round's versions new everywhere, so a served name never stands for two sets of weights.
 
     Raises `NothingToLearnError` when the batch has nothing to train on (e.g. only already ingested records or
     only negative ratings): the pipeline then ends the run without a candidate.
@@ -107,7 +114,7 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
     threads = training_threads(config.training.threads, config.endpoints.vllm_urls)
     with torch_threads(threads):
         log.info("training with %d CPU thread(s) (training.threads=%s)", threads, config.training.threads)
-        return _train(config, records, work_dir, champion_checkpoint, parent_version, anchors)
+        return _train(config, records, work_dir, champion_checkpoint, parent_version, anchors, version_floor or {})
 
 
 @contextmanager
@@ -124,7 +131,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champion_checkpoint: Path | None,
-           parent_version: int | None, anchors: Sequence[tuple[str, str]]) -> TrainingOutcome:
+           parent_version: int | None, anchors: Sequence[tuple[str, str]],
+           version_floor: dict[str, int]) -> TrainingOutcome:
     started = time.perf_counter()
     if work_dir.exists():
         shutil.rmtree(work_dir)
@@ -136,9 +144,15 @@ def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champ
                                              **continuing_overrides(champion_checkpoint, continual))
     else:
         model = ContinualLLM(continual, engine=engine)
+    model.bank.raise_version_floor(version_floor)
     try:
         anchor_steps = 0
-        if anchors and champion_checkpoint is None:
+        if anchors and model.bank.is_bank:
+            # A bank keeps what the model knew by routing it to the base model; anchors would only open an
+            # "anchor" adapter that nothing should ever be routed to.
+            log.info("bank of adapters: %d anchor prompts not rehearsed (out-of-scope prompts reach the base)",
+                     len(anchors))
+        elif anchors and champion_checkpoint is None:
             model.store.add_many([{"prompt": p, "response": a, "task": "anchor", "metadata": {"kind": "anchor"}}
                                   for p, a in anchors])
             log.info("rehearsing %d anchor answers of the served model (task 0 for replay and EWC)", len(anchors))
@@ -190,11 +204,17 @@ def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champ
                  "train_seconds": round(time.perf_counter() - started, 2),
                  "store_size": model.store.count()}
         model_path = resolve_model(continual.model)
-        return TrainingOutcome(checkpoint_dir=checkpoint, adapter_dir=checkpoint / "adapters" / f"v{version.version}",
+        bank = bank_candidate(checkpoint, continual.model, champion_checkpoint) if model.bank.is_bank else None
+        if bank is not None:
+            stats |= {"adapters": len(bank.lineage_versions), "adapters_trained": len(bank.changed)}
+            log.info("bank: %d adapter(s), trained this round: %s", len(bank.lineage_versions),
+                     ", ".join(bank.changed) or "none")
+        adapter_dir = checkpoint / "adapters" if bank is not None else checkpoint / "adapters" / f"v{version.version}"
+        return TrainingOutcome(checkpoint_dir=checkpoint, adapter_dir=adapter_dir,
                                version=version.version, parent_version=parent_version, base_model=continual.model,
                                base_fingerprint=model_fingerprint(model_path), heldout=heldout,
                                corrections=[QA(r.prompt, r.chosen, r.task) for r in corrections],
-                               replayed=replayed, stats=stats, tasks=sorted({r.task for r in fresh}))
+                               replayed=replayed, stats=stats, tasks=sorted({r.task for r in fresh}), bank=bank)
     finally:
         model.close()
 

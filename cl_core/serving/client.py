@@ -168,6 +168,7 @@ class VLLMServer:
         self._client = httpx.Client(base_url=self.base_url, timeout=timeout,
                                     limits=httpx.Limits(max_connections=max(concurrency, 4)), transport=transport)
         self._format_checked: set[tuple[str, int, str]] = set()
+        self._prompt_logprobs_work = True
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.base_url!r})"
@@ -329,6 +330,17 @@ class VLLMServer:
         if not encoded:
             return []
         self.check_prompt_format(model, tokenizer, pairs[0][0], encoded[0].prompt_ids)
+        if self._prompt_logprobs_work:
+            try:
+                return self._map(lambda pair: self._sequence_logprob(model, pair), encoded)
+            except ServingError as exc:
+                if "500" not in str(exc):
+                    raise
+                # A vLLM-CPU server without cl_core's plugin fails prompt logprobs under LoRA when requests
+                # share a step (see cl_core.engine.vllm_plugin); score token by token there instead.
+                log.warning("%s: prompt logprobs failed (%s); scoring one decode request per token", self.base_url,
+                            exc)
+                self._prompt_logprobs_work = False
         prefixes, targets = [], []
         for pair in encoded:
             ids = pair.input_ids
@@ -342,6 +354,25 @@ class VLLMServer:
             total = float(sum(tokens))
             out.append(ReferenceLogprob(total, total / max(1, len(tokens)), len(tokens)))
         return out
+
+    def _sequence_logprob(self, model: str, pair: Any) -> ReferenceLogprob:
+        """One request: the log-probability of every answer token given what precedes it (prompt logprobs)."""
+        data = self._json("POST", "/v1/completions", f"scoring under '{model}'",
+                          json={"model": model, "prompt": list(pair.input_ids), "max_tokens": 1,
+                                "temperature": 0.0, "prompt_logprobs": 0})
+        rows = data["choices"][0].get("prompt_logprobs") or data.get("prompt_logprobs")
+        if not rows or len(rows) != len(pair.input_ids):
+            raise ServingError(f"vLLM server {self.base_url} returned no prompt logprobs for {model!r}")
+        tokens = []
+        for position in range(len(pair.prompt_ids), len(pair.input_ids)):
+            entry = rows[position] or {}
+            value = entry.get(str(pair.input_ids[position]))
+            if value is None:
+                raise ServingError(f"vLLM server {self.base_url}: no logprob for token {pair.input_ids[position]} "
+                                   f"at position {position}")
+            tokens.append(float(value["logprob"] if isinstance(value, dict) else value))
+        total = float(sum(tokens))
+        return ReferenceLogprob(total, total / max(1, len(tokens)), len(tokens))
 
     def check_prompt_format(self, model: str, tokenizer: Any, prompt: str, prompt_ids: Sequence[int]) -> None:
         key = (model, id(tokenizer), str(getattr(tokenizer, "name_or_path", "")))

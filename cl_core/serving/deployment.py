@@ -10,7 +10,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from cl_core.bank.manifest import BankManifest, served_name
 from cl_core.errors import InvalidInputError
 from cl_core.serving.client import (
     BASE_MODEL_NAME,
@@ -259,6 +261,51 @@ class Deployment:
         return PromotionResult(version_name=version_name, path=path, stable_name=self.stable_name,
                                replicas=self.replicas, previous=previous, stage_s=staged - start,
                                switch_s=switched - staged, latency_s=latency, first_response_s=first, kind=kind)
+
+    def promote_bank(self, manifest: BankManifest, manifest_path: str | Path) -> PromotionResult:
+        """Serve a whole bank: every adapter version it names is loaded under its served name on every replica
+        (or the ones this call loaded are unloaded again), each answers one request on each replica, and only
+        then is `manifest_path` (what the gateways route by) replaced, atomically. Clients of the gateway switch
+        from one manifest to the next between two requests; no replica ever serves half a bank."""
+        with self._lock:
+            start = time.perf_counter()
+            names = {a.name: served_name(self.stable_name, a.name, a.version) for a in manifest.serving}
+            before = {s.base_url: set(s.models()) for s in self.servers}
+            staged: list[str] = []
+            try:
+                for adapter in manifest.serving:
+                    self.stage(names[adapter.name], adapter.path)
+                    staged.append(names[adapter.name])
+                staged_at = time.perf_counter()
+                failures: dict[str, str] = {}
+                first: dict[str, float] = {}
+                for server in self.servers:
+                    t0 = time.perf_counter()
+                    try:
+                        for name in names.values():
+                            server.chat(name, ["Hello"], max_tokens=1)
+                    except ServingError as exc:
+                        failures[server.base_url] = str(exc)
+                    first[server.base_url] = time.perf_counter() - t0
+                if failures:
+                    raise PromotionFailed("verification", f"bank ({', '.join(names.values())})", failures, {})
+            except ServingError:
+                for server in self.servers:  # unload what this promotion loaded; what served before stays
+                    for name in staged:
+                        if name not in before[server.base_url]:
+                            _attempt(lambda s=server, n=name: s.unload_adapter(n))
+                raise
+            path = Path(manifest_path)
+            previous = BankManifest.load(path) if path.exists() else None
+            manifest.save(path)
+            done = time.perf_counter()
+        log.info("bank promoted on %d replica(s): %s", len(self.servers), ", ".join(names.values()))
+        return PromotionResult(version_name=",".join(names.values()), path=str(path), stable_name=self.stable_name,
+                               replicas=self.replicas,
+                               previous={s.base_url: (",".join(previous.served_names(self.stable_name).values())
+                                                      if previous else None) for s in self.servers},
+                               stage_s=staged_at - start, switch_s=done - staged_at, latency_s=done - start,
+                               first_response_s=first, kind="bank promotion")
 
     def _check_version_name(self, name: str) -> None:
         _check_name(name)
