@@ -147,7 +147,12 @@ class ContinualLLM:
     def _embed_prompts(self, prompts: Sequence[str]) -> Any:
         from cl_core.bank.embedder import shared_embedder
 
-        return shared_embedder(self.model_path).embed(list(prompts))
+        embedder = shared_embedder(self.model_path)
+        router = self.bank.router
+        if router is not None and hasattr(router, "set_embedder_identity") and \
+                getattr(router, "embedder_identity", None) is None:
+            router.set_embedder_identity(embedder.identity)  # saved with its state: routes only in this space
+        return embedder.embed(list(prompts))
 
     def _out_of_scope_vectors(self) -> Any:
         """Embeddings of prompts that belong to no adapter (`router_calibration`): they set the router's "none
@@ -359,18 +364,20 @@ class ContinualLLM:
         return self._submit(lambda: self._correction_round(experience_id, pref_id, Example(pair), exp.task,
                                                            exp.prompt), wait=True)
 
-    def correction_margin(self, prompt: str, response: str, adapter: str | None = None) -> float:
+    def correction_margin(self, prompt: str, response: str, adapter: str | None = None,
+                          task: str | None = None) -> float:
         """The learner's smallest log-probability margin of `response`'s tokens over each runner-up token
-        (≥ `correction_margin` means greedy decoding reproduces it, in the learner's precision). With a bank,
-        of the adapter `prompt` is routed to (or `adapter`)."""
+        (≥ `correction_margin` means greedy decoding reproduces it, in the learner's precision). With a bank, of
+        `adapter`, else the adapter `task` names, else the one `prompt` is routed to; `-inf` when none would take
+        it yet (nothing has learned it)."""
         example = Example(encode_pair(self.tokenizer, prompt, response))
 
         def margin() -> float:
             if self.bank.is_bank:
-                name = adapter or self.bank.route([prompt])[0][1].adapter
+                name = adapter or (task if task in self.bank.lineages else None) or \
+                    self.bank.route([prompt])[0][1].adapter
                 if name is None:
-                    raise InvalidInputError(f"{prompt[:60]!r} routes to the base model, which has no learner "
-                                            "adapter; name one with adapter=")
+                    return -math.inf
                 self._check_out(self.bank.get(name))
             return float(min(self._get_learner().token_margins(example)))
 

@@ -171,11 +171,11 @@ class AdapterBank:
         return max(scored, key=scored.get) if scored else active[-1]
 
     def _similarities(self, prompt: str, names: Sequence[str]) -> dict[str, float]:
-        """Highest cosine similarity of `prompt` to each adapter's learned prompts (embedding routers only)."""
-        if self.router is None or self._embed is None or not hasattr(self.router, "similarities"):
+        """Each adapter's score for `prompt` (routers that score every adapter, e.g. `embedding`)."""
+        if self.router is None or self._embed is None or not hasattr(self.router, "scores"):
             return {}
-        vector = self._embed([prompt])[0]
-        return {n: s for n, s in self.router.similarities(vector).items() if n in names}
+        table, adapters = self.router.scores(self._embed([prompt]))
+        return {n: float(table[0, j]) for j, n in enumerate(adapters) if n in names}
 
     def _trained(self) -> bool:
         return any(lineage.versions for lineage in self.lineages.values())

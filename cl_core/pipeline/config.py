@@ -134,6 +134,8 @@ class Endpoints:
     vllm_urls: tuple[str, ...]
     adapter_dir: Path
     prefect_api: str | None
+    gateway_url: str | None = None
+    """The gateway clients use (`CL_GATEWAY_URL`): it routes `continual` through the promoted bank manifest."""
 
     @classmethod
     def from_env(cls) -> Endpoints:
@@ -147,7 +149,8 @@ class Endpoints:
                    mlflow_uri=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
                    vllm_urls=urls,
                    adapter_dir=Path(os.environ.get("CL_ADAPTER_DIR", REPO_ROOT / ".state" / "adapters")),
-                   prefect_api=os.environ.get("PREFECT_API_URL"))
+                   prefect_api=os.environ.get("PREFECT_API_URL"),
+                   gateway_url=(os.environ.get("CL_GATEWAY_URL") or "").rstrip("/") or None)
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champ
             # (measured: "the capital of Russia is St. Petersburg" after ten capital corrections).
             for i, r in enumerate(corrections, 1):
                 exp_id = _ingest_correction(model, r)
-                if model.correction_margin(r.prompt, r.chosen) < continual.correction_margin:
+                if model.correction_margin(r.prompt, r.chosen, task=r.task) < continual.correction_margin:
                     log.info("correction %d/%d: reinforcing %r -> %r", i, len(corrections), r.prompt[:60],
                              r.chosen[:60])
                     model.reinforce_correction(exp_id)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cl_core.bank.manifest import BankManifest, served_name
@@ -270,12 +270,21 @@ class Deployment:
         with self._lock:
             start = time.perf_counter()
             names = {a.name: served_name(self.stable_name, a.name, a.version) for a in manifest.serving}
-            before = {s.base_url: set(s.models()) for s in self.servers}
+            loaded = {s.base_url: s.models() for s in self.servers}
+            before = {url: set(models) for url, models in loaded.items()}
             staged: list[str] = []
+            kept: dict[str, str] = {}
             try:
                 for adapter in manifest.serving:
-                    self.stage(names[adapter.name], adapter.path)
-                    staged.append(names[adapter.name])
+                    name = names[adapter.name]
+                    where = {models.get(name) for models in loaded.values()}
+                    if None not in where and len(where) == 1:
+                        # Served names are unique per lineage version: loaded everywhere means these weights
+                        # (an adapter this round did not change), already serving; nothing reloads.
+                        kept[adapter.name] = str(where.pop())
+                        continue
+                    self.stage(name, adapter.path)
+                    staged.append(name)
                 staged_at = time.perf_counter()
                 failures: dict[str, str] = {}
                 first: dict[str, float] = {}
@@ -295,6 +304,10 @@ class Deployment:
                         if name not in before[server.base_url]:
                             _attempt(lambda s=server, n=name: s.unload_adapter(n))
                 raise
+            if kept:
+                manifest = BankManifest(manifest.base_model, manifest.router, manifest.router_dir,
+                                        tuple(replace(a, path=kept.get(a.name, a.path)) for a in manifest.adapters),
+                                        dict(manifest.metadata))
             path = Path(manifest_path)
             previous = BankManifest.load(path) if path.exists() else None
             manifest.save(path)

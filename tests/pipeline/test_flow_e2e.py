@@ -5,6 +5,7 @@ registered version, its metrics, the aliases, and what the vLLM server answers u
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,56 @@ def test_outages_and_a_refused_adapter_leave_the_champion_serving(pipeline_env: 
     # Nothing was half-done: the same batch is still there, and a healthy run learns it.
     healthy = _run(env)
     assert healthy.is_completed() and healthy.result()["version"] == 2, healthy.message
+
+
+def test_a_bank_round_trains_only_its_adapters_and_promotes_the_whole_bank(pipeline_env: dict[str, Any]) -> None:
+    from cl_core.bank.manifest import BankManifest
+
+    env = pipeline_env
+    bank = {**env["overrides"]["training"], "num_adapters": 3, "adapter_routing": "embedding"}
+    _seed(env)
+    state = _run(env, training=bank)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["promoted"] and summary["version"] == 1, summary
+    assert summary["training"]["adapters"] == 2 and summary["training"]["adapters_trained"] == 2
+
+    registry = _registry(env)
+    first = json.loads(registry.get(1).tags["bank_versions"])
+    assert set(first) == {"facts", "numbers"}
+    manifest = BankManifest.load(Path(env["vllm"].adapter_dir) / "bank.json")
+    names = manifest.served_names(env["stable"])
+    assert names == {a: f"{env['stable']}-{a}@v{v}" for a, v in first.items()}
+    assert set(names.values()) <= set(_models(env)), _models(env)
+    answers = [_chat(env, names["facts"], q).strip() for q, _, _ in CORRECTIONS]
+    assert sum(a.startswith(good) for a, (_, _, good) in zip(answers, CORRECTIONS, strict=True)) >= 1, answers
+
+    # A batch of one task trains that adapter only: the other keeps its served name, weights and files.
+    facts_files = _models(env)[names["facts"]]
+    _seed_labels(env, task="numbers", n=4)
+    second = _run(env, training=bank)
+    assert second.is_completed() and second.result()["promoted"], second.message
+    second_versions = json.loads(registry.get(2).tags["bank_versions"])
+    assert second_versions["facts"] == first["facts"] and second_versions["numbers"] > first["numbers"]
+    assert registry.get(2).tags["bank_changed"] == "numbers"
+    after = BankManifest.load(Path(env["vllm"].adapter_dir) / "bank.json").served_names(env["stable"])
+    assert after == {"facts": names["facts"], "numbers": f"{env['stable']}-numbers@v{second_versions['numbers']}"}
+    assert _models(env)[names["facts"]] == facts_files
+
+    # Rollback serves the first bank again (its names are still loaded on the replica).
+    from flows.rollback import rollback
+
+    out = rollback(version=1, overrides={**env["overrides"], "training": bank})
+    assert out["changed"] and registry.version_for("champion") == 1
+    assert BankManifest.load(Path(env["vllm"].adapter_dir) / "bank.json").served_names(env["stable"]) == names
+
+
+def _seed_labels(env: dict[str, Any], task: str, n: int) -> None:
+    from cl_core.data.experiences import ExperienceRecord, ExperienceWriter
+    from cl_core.data.s3 import S3Settings, make_client
+
+    settings = S3Settings.from_env()
+    with ExperienceWriter(make_client(settings), settings) as writer:
+        for i in range(n):
+            writer.add(ExperienceRecord(id=uuid.uuid4().hex, kind="label", prompt=f"Count to {i}.",
+                                        response=" ".join(str(k) for k in range(i + 1)), task=task))
