@@ -65,6 +65,30 @@ def ask(config: PipelineConfig, questions: list[str], model: str) -> list[str]:
     return [a.strip().replace("\n", " ")[:70] for a in server.chat(model, questions, max_tokens=24)]
 
 
+def ask_gateway(config: PipelineConfig, questions: list[str]) -> list[str]:
+    """What clients of the gateway get for `continual` (routed per request through the promoted bank), each
+    answer tagged with the adapter that gave it (`base` when the router sent it to the base model)."""
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=config.endpoints.gateway_url, timeout=120) as client:
+        for question in questions:
+            reply = client.post("/v1/chat/completions", json={
+                "model": config.stable_name, "messages": [{"role": "user", "content": question}],
+                "max_tokens": 24, "temperature": 0})
+            reply.raise_for_status()
+            text = reply.json()["choices"][0]["message"]["content"].strip().replace("\n", " ")[:60]
+            out.append(f"[{reply.headers.get('x-cl-adapter', '?')}] {text}")
+    return out
+
+
+def bank_served(config: PipelineConfig) -> bool:
+    """True when the gateway routes through a bank manifest this pipeline promoted."""
+    from tasks.clients import champion_bank
+
+    return config.endpoints.gateway_url is not None and champion_bank(config) is not None
+
+
 def served_name(config: PipelineConfig) -> str:
     from cl_core.serving.client import VLLMServer
 
@@ -100,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]the flow run failed after {seconds:.0f} s:[/] {state.message}")
         return 1
     summary = state.result()
-    after_model = served_name(config)
-    after = ask(config, questions, after_model)
+    if bank_served(config):
+        after_model = f"gateway: {config.stable_name} routed through the bank"
+        after = ask_gateway(config, questions)
+    else:
+        after_model = served_name(config)
+        after = ask(config, questions, after_model)
     candidate = {a["prompt"]: a["candidate"] for a in summary.get("answers", [])}
     short = {q: (candidate[q].strip().replace("\n", " ")[:70] if q in candidate else "–") for q in corrections}
 
@@ -128,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("MLflow model version", summary.get("version_url")),
                        ("MLflow run", summary.get("run_url")),
                        ("Prefect UI", os.environ.get("PREFECT_UI_URL")),
+                       ("Gateway (OpenAI API, model 'continual')",
+                        config.endpoints.gateway_url + "/v1" if config.endpoints.gateway_url else None),
                        ("vLLM (OpenAI API)", config.endpoints.vllm_urls[0] + "/v1")):
         if url:
             console.print(f"   {label}: {url}")

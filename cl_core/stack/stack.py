@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
+from cl_core.bank.manifest import MANIFEST_FILE
+from cl_core.stack.gateway import GatewayServer
 from cl_core.stack.mlflow_server import MLflowServer
 from cl_core.stack.prefect_server import DEFAULT_WORK_POOL, LOGGING_ENV, PrefectServer, PrefectWorker
 from cl_core.stack.seaweedfs import S3Endpoint, SeaweedFS
@@ -25,9 +27,9 @@ from cl_core.stack.service import Service, ServiceStartError, StackError
 from cl_core.stack.vllm_server import VLLMServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("s3", "mlflow", "prefect", "worker", "vllm")
+SERVICES = ("s3", "mlflow", "prefect", "worker", "vllm", "gateway")
 DEPENDS_ON: dict[str, tuple[str, ...]] = {"s3": (), "mlflow": ("s3",), "prefect": (), "worker": ("prefect",),
-                                          "vllm": ()}
+                                          "vllm": (), "gateway": ("vllm",)}
 MLFLOW_CONFIG_KEYS = {"backend_store", "artifacts_bucket", "artifacts_prefix", "workers"}
 
 
@@ -84,6 +86,7 @@ class StackConfig:
     prefect_port: int = 4200
     worker_port: int = 4201
     vllm_port: int = 8000
+    gateway_port: int = 8080
     vllm_model: str = "smollm2-135m-instruct"
     vllm_dtype: str = "bfloat16"
     vllm_max_model_len: int = 2048
@@ -100,6 +103,7 @@ class StackConfig:
     ENV: ClassVar[dict[str, str]] = {
         "state_dir": "CL_STACK_DIR", "s3_port": "CL_S3_PORT", "mlflow_port": "CL_MLFLOW_PORT",
         "prefect_port": "CL_PREFECT_PORT", "worker_port": "CL_PREFECT_WORKER_PORT", "vllm_port": "CL_VLLM_PORT",
+        "gateway_port": "CL_GATEWAY_PORT",
         "vllm_model": "CL_VLLM_MODEL", "vllm_dtype": "CL_VLLM_DTYPE", "vllm_max_model_len": "CL_VLLM_MAX_MODEL_LEN",
         "vllm_kv_cache_gib": "CL_VLLM_KV_CACHE_GIB", "s3_bucket": "CL_S3_BUCKET", "s3_prefix": "CL_S3_PREFIX",
         "adapter_dir": "CL_ADAPTER_DIR", "work_pool": "CL_PREFECT_POOL", "mlflow_config": "CL_MLFLOW_SERVER_CONFIG",
@@ -134,7 +138,7 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         ports = {name: getattr(self, name) for name in ("s3_port", "mlflow_port", "prefect_port", "worker_port",
-                                                         "vllm_port")}
+                                                         "vllm_port", "gateway_port")}
         for name, port in ports.items():
             if not isinstance(port, int) or not 1 <= port <= 65535:
                 raise StackError(f"{name} must be a port number 1-65535, got {port!r} ({self.ENV[name]})")
@@ -163,6 +167,7 @@ class StackConfig:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{self.mlflow_port}", "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
             "PREFECT_API_URL": f"http://127.0.0.1:{self.prefect_port}/api",
             "CL_VLLM_URLS": f"http://127.0.0.1:{self.vllm_port}", "CL_ADAPTER_DIR": str(self.adapter_dir),
+            "CL_GATEWAY_URL": f"http://127.0.0.1:{self.gateway_port}",
             **LOGGING_ENV,
         }
 
@@ -224,6 +229,8 @@ class Stack:
                 "vllm": VLLMServer(c.state_dir, c.vllm_port, model=c.vllm_model, dtype=c.vllm_dtype,
                                    max_model_len=c.vllm_max_model_len, max_lora_rank=c.vllm_max_lora_rank,
                                    max_loras=c.vllm_max_loras, kv_cache_gib=c.vllm_kv_cache_gib),
+                "gateway": GatewayServer(c.state_dir, c.gateway_port, [f"http://127.0.0.1:{c.vllm_port}"],
+                                         manifest_path=c.adapter_dir / MANIFEST_FILE),
             }
             for name, timeout in c.timeouts.items():
                 self._services[name].start_timeout = timeout
@@ -241,7 +248,7 @@ class Stack:
         c, s = self.config, self.services()
         return {"s3": c.s3.endpoint_url, "mlflow": s["mlflow"].url, "prefect": s["prefect"].url,
                 "worker": f"pool {c.work_pool} (health {s['worker'].url}/health)",
-                "vllm": f"{s['vllm'].url}/v1"}
+                "vllm": f"{s['vllm'].url}/v1", "gateway": f"{s['gateway'].url}/v1"}
 
     # --- up ---------------------------------------------------------------------------------------------
     def up(self, only: Sequence[str] | None = None) -> UpResult:
