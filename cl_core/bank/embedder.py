@@ -6,9 +6,9 @@ in. So there is exactly one definition here (mean-pooled hidden states of one la
 never applied, L2-normalised), and `BaseEmbedder.identity` (model fingerprint, layer, pooling) is saved with the
 router state; routing with an embedder of another identity is refused instead of silently misrouting.
 
-It runs the base model with Hugging Face transformers in the calling process (float32 on CPU by default): a
-135M-parameter base embeds a short prompt in a few milliseconds on 2 cores, needs no second vLLM engine, and is
-deterministic (the same prompt gets the same vector in every process).
+It runs the base model with Hugging Face transformers in the calling process (float32 on CPU by default), only up
+to the pooled layer: no second vLLM engine, and deterministic (the same prompt gets the same vector in every
+process). Its cost per prompt is measured in `tests/benchmarks/bench_routing.py`.
 
 The default layer is the middle one: the last layer of a causal LM is specialised for predicting the next token,
 while middle layers carry more of the prompt's meaning (a known result for decoder-only sentence embeddings).
@@ -25,6 +25,10 @@ import numpy as np
 
 from cl_core.errors import ConfigError, InvalidInputError
 from cl_core.models import model_fingerprint, resolve_model
+
+
+class _StopForward(Exception):
+    """Raised by the layer hook once the wanted hidden states are captured."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +109,33 @@ class BaseEmbedder:
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length, add_special_tokens=False)
                 enc = {k: v.to(self.device) for k, v in enc.items()}
-                hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]
+                hidden = self._hidden(enc)
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
                 out[start:start + len(chunk)] = pooled.cpu().numpy()
         return out
+
+    def _hidden(self, enc: dict[str, Any]) -> Any:
+        """Hidden states after layer `self.layer`, without running the layers above it (half the cost at the
+        default middle layer; the values are exactly `hidden_states[layer]` of a full forward)."""
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        if layers is None or not 0 < self.layer < len(layers):
+            return self.model(**enc, output_hidden_states=True).hidden_states[self.layer]
+        captured: list[Any] = []
+
+        def grab(_module: Any, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = layers[self.layer - 1].register_forward_hook(grab)
+        try:
+            self.model.model(**enc)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
 
     def check_identity(self, saved: dict[str, Any] | EmbedderIdentity | None) -> None:
         """Refuse router state fitted in another embedding space (other base weights, layer or pooling)."""
