@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(SERVICES)} (default: all)")
     opts = [("--state-dir", "state_dir", Path), ("--s3-port", "s3_port", int), ("--mlflow-port", "mlflow_port", int),
             ("--prefect-port", "prefect_port", int), ("--worker-port", "worker_port", int),
-            ("--vllm-port", "vllm_port", int), ("--vllm-model", "vllm_model", str),
+            ("--vllm-port", "vllm_port", int), ("--gateway-port", "gateway_port", int),
+            ("--vllm-model", "vllm_model", str),
             ("--vllm-dtype", "vllm_dtype", str), ("--vllm-max-model-len", "vllm_max_model_len", int),
             ("--adapter-dir", "adapter_dir", Path)]
     for flag, dest, kind in opts:
@@ -71,7 +72,7 @@ def _up(stack: Stack, names: list[str], deploy: bool) -> int:
     urls = result.urls
     print("\nthe stack is up:")
     labels = {"s3": "S3 endpoint", "mlflow": "MLflow UI", "prefect": "Prefect UI", "worker": "Prefect worker",
-              "vllm": "vLLM OpenAI API"}
+              "vllm": "vLLM OpenAI API", "gateway": "Gateway (OpenAI)"}
     for name in names:
         print(f"  {labels[name]:16s} {urls[name]}")
     print(f"\nclient environment: source {stack.config.env_path}")

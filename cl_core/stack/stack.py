@@ -328,8 +328,8 @@ class Stack:
         names = self.select(only)
         services = self.services()
         stopped: dict[str, bool] = {}
-        # dependents before what they depend on: worker before prefect, mlflow before s3; vllm alongside
-        for level in (("vllm", "worker", "mlflow"), ("prefect", "s3")):
+        # dependents before what they depend on: the gateway before vllm, worker before prefect, mlflow before s3
+        for level in (("gateway", "worker", "mlflow"), ("vllm", "prefect", "s3")):
             todo = [n for n in level if n in names]
             with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
                 for name, was in zip(todo, pool.map(lambda n: services[n].stop(), todo), strict=True):
