@@ -70,6 +70,9 @@ class ContinualLLM:
         self._fresh_lora: dict[str, Any] | None = None
         self._checked_out: str | None = None
         self._calibration_vectors: Any = None
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        """Called after every training step with {adapter, task, step, steps, loss, elapsed_s, eta_s} (the
+        pipeline shows it in the console and as a Prefect progress artifact); exceptions in it are logged."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cl-learn")
         self._online_job: Future[Any] | None = None
         self._example_source = StoreExampleSource(self.store, self.tokenizer, self.config.max_model_len,
@@ -508,6 +511,7 @@ class ContinualLLM:
         steps = min(max_steps, math.ceil(len(examples) * epochs / new_per_step))
         order = [ex for _ in range(epochs) for ex in learner.shuffled(examples)]
         skipped = replayed = 0
+        started = time.perf_counter()
         for step in range(steps):
             new = order[step * new_per_step:(step + 1) * new_per_step]  # never empty: steps ≤ len(order)/n
             batch = methods.transform_batch(new, exclude_ids=ids)
@@ -516,6 +520,7 @@ class ContinualLLM:
             skipped += result.skipped
             if not result.skipped:
                 methods.after_step(result.example_losses)
+            self._progress(lineage.name, task, step + 1, steps, result.loss, started)
         losses = self._losses(examples)
         if not self._adapter_finite():  # never consolidate broken weights; the round publishes nothing
             return steps, steps, replayed, dict(zip(ids, losses, strict=True))
@@ -551,6 +556,8 @@ class ContinualLLM:
                 methods.after_step(result.example_losses)
             steps += 1
             margin = min(learner.token_margins(example))
+            self._progress(lineage.name, task, steps, c.correction_max_steps, result.loss, start,
+                           margin=margin, target_margin=c.correction_margin)
         loss_after = self._losses([example])[0]
         if steps and self._adapter_finite():
             edits = methods.end_task(methods.task(task, [example], [exp_id], [loss_after]), learner)
@@ -574,6 +581,20 @@ class ContinualLLM:
                                 min_margin=margin, learned=learned, version=version,
                                 seconds=time.perf_counter() - start, preference_id=pref_id, message=message,
                                 adapter=lineage.name)
+
+    def _progress(self, adapter: str, task: str, step: int, steps: int, loss: float, started: float,
+                  **extra: Any) -> None:
+        elapsed = time.perf_counter() - started
+        info = {"adapter": adapter, "task": task, "step": step, "steps": steps, "loss": float(loss),
+                "elapsed_s": round(elapsed, 2), "eta_s": round(elapsed / step * (steps - step), 1), **extra}
+        if step == steps or step % 5 == 0 or step == 1:
+            log.info("training %s/%s: step %d/%d, loss %.4f, %.0f s elapsed, ETA %.0f s", adapter, task, step, steps,
+                     loss, elapsed, info["eta_s"])
+        if self.on_progress is not None:
+            try:
+                self.on_progress(info)
+            except Exception:  # a broken progress display must never stop learning
+                log.exception("on_progress callback failed")
 
     def _losses(self, examples: Sequence[Example], chunk: int = 16) -> list[float]:
         learner = self._get_learner()

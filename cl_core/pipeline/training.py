@@ -14,7 +14,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +98,8 @@ def load_anchor_prompts(spec: str | None) -> list[str]:
 def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Path,
                     champion_checkpoint: Path | None, parent_version: int | None,
                     anchors: Sequence[tuple[str, str]] = (),
-                    version_floor: dict[str, int] | None = None) -> TrainingOutcome:
+                    version_floor: dict[str, int] | None = None,
+                    on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainingOutcome:
     """Continue the champion's learning on `records` (validated `ExperienceRecord`s) and save the candidate.
 
     `anchors` ((prompt, answer the served model gives) pairs) start a new lineage: they are learned first as task
@@ -114,7 +115,8 @@ def train_candidate(config: PipelineConfig, records: Sequence[Any], work_dir: Pa
     threads = training_threads(config.training.threads, config.endpoints.vllm_urls)
     with torch_threads(threads):
         log.info("training with %d CPU thread(s) (training.threads=%s)", threads, config.training.threads)
-        return _train(config, records, work_dir, champion_checkpoint, parent_version, anchors, version_floor or {})
+        return _train(config, records, work_dir, champion_checkpoint, parent_version, anchors, version_floor or {},
+                      on_progress)
 
 
 @contextmanager
@@ -132,7 +134,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champion_checkpoint: Path | None,
            parent_version: int | None, anchors: Sequence[tuple[str, str]],
-           version_floor: dict[str, int]) -> TrainingOutcome:
+           version_floor: dict[str, int], on_progress: Callable[[dict[str, Any]], None] | None) -> TrainingOutcome:
     started = time.perf_counter()
     if work_dir.exists():
         shutil.rmtree(work_dir)
@@ -145,6 +147,7 @@ def _train(config: PipelineConfig, records: Sequence[Any], work_dir: Path, champ
     else:
         model = ContinualLLM(continual, engine=engine)
     model.bank.raise_version_floor(version_floor)
+    model.on_progress = on_progress
     try:
         anchor_steps = 0
         if anchors and model.bank.is_bank:

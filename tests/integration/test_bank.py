@@ -105,3 +105,23 @@ def test_growth_stops_at_the_bank_size_and_bad_inputs_are_refused(make_model):
     model.add_experience("q", "a", task="other")
     with pytest.raises(NothingToLearnError, match="restore one"):
         model.learn()
+
+
+def test_embedding_routing_sends_learned_prompts_to_their_adapter_without_a_task_id(make_model, tmp_path,
+                                                                                  lora_engine):
+    model = make_model(num_adapters=3, adapter_routing="embedding")
+    model.learn_from_correction(SKY, "x", SKY_GOOD, task="colors")
+    model.learn_from_correction(FRANCE, "x", FRANCE_GOOD, task="capitals")
+    routes = model.route([SKY, FRANCE])
+    assert [r.adapter for r in routes] == ["colors", "capitals"], routes
+    answers = model.generate([SKY, FRANCE], max_tokens=12)
+    assert [str(a) for a in answers] == [SKY_GOOD, FRANCE_GOOD]
+    assert all(a.route_score is not None for a in answers)
+    assert model.bank.calibration  # fitted against the packaged out-of-scope questions
+    path = model.save_checkpoint(tmp_path / "ckpt")
+    restored = ContinualLLM.load_checkpoint(path, engine=lora_engine, work_dir=str(tmp_path / "restored"))
+    try:
+        assert [r.adapter for r in restored.route([SKY, FRANCE])] == ["colors", "capitals"]
+        assert restored.route(SKY)[0].score == pytest.approx(routes[0].score, abs=1e-5)
+    finally:
+        restored.close()

@@ -34,12 +34,12 @@ def _config(state: Path) -> StackConfig:
     s3 = free_port_block(PORT_BLOCK)
     block = set(range(s3, s3 + PORT_BLOCK))
     others: list[int] = []
-    while len(others) < 4:
+    while len(others) < 5:
         port = free_port(exclude=block | set(others))
         others.append(port)
-    mlflow, prefect, worker, vllm = others
+    mlflow, prefect, worker, vllm, gateway = others
     return StackConfig(state_dir=state, s3_port=s3, mlflow_port=mlflow, prefect_port=prefect, worker_port=worker,
-                       vllm_port=vllm, adapter_dir=state / "adapters")
+                       vllm_port=vllm, gateway_port=gateway, adapter_dir=state / "adapters")
 
 
 def _cli(config: StackConfig, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -47,7 +47,8 @@ def _cli(config: StackConfig, *args: str, timeout: float = 120) -> subprocess.Co
     env = {**os.environ, "CL_STACK_DIR": str(config.state_dir), "CL_S3_PORT": str(config.s3_port),
            "CL_MLFLOW_PORT": str(config.mlflow_port), "CL_PREFECT_PORT": str(config.prefect_port),
            "CL_PREFECT_WORKER_PORT": str(config.worker_port), "CL_VLLM_PORT": str(config.vllm_port),
-           "CL_ADAPTER_DIR": str(config.adapter_dir), "CL_VLLM_MODEL": config.vllm_model}
+           "CL_GATEWAY_PORT": str(config.gateway_port), "CL_ADAPTER_DIR": str(config.adapter_dir),
+           "CL_VLLM_MODEL": config.vllm_model}
     return subprocess.run([sys.executable, "-m", "cl_core.stack", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -210,7 +211,7 @@ def test_down_stops_everything_and_is_idempotent(stack: Stack) -> None:
     leaders = _pids(stack)
     assert all(leaders.values())
     stopped = dict(stack.down())
-    assert all(stopped[name] for name in CORE) and stopped["vllm"] is False
+    assert all(stopped[name] for name in CORE) and stopped["vllm"] is False and stopped["gateway"] is False
     for name, pid in leaders.items():
         assert not session_members(pid), f"{name} left processes behind"
         assert stack.services()[name].status() == "stopped"
