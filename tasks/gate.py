@@ -15,9 +15,10 @@ from cl_core.pipeline.config import PipelineConfig
 def gate_candidate(config: PipelineConfig, evaluation: Any) -> Any:
     """A pure function of the metrics and the rules, so its result is cached on exactly those inputs: a retried
     run (or a re-evaluation that measured the same numbers) gets the recorded decision back."""
-    from cl_core.pipeline.gate import GateRules, decide
+    from cl_core.pipeline.gate import decide
 
-    decision = decide(evaluation.candidate, evaluation.champion, GateRules.from_mapping(config.gate))
+    # The rules were parsed (and checked) when the config was loaded, before training started.
+    decision = decide(evaluation.candidate, evaluation.champion, config.gate)
     create_markdown_artifact(key="gate-decision", description="Promotion gate",
                              markdown=f"## Gate: {decision.verdict}\n\n{decision.to_markdown()}")
     return decision

@@ -17,7 +17,12 @@ def train_candidate(config: PipelineConfig, records: list[Any], run_id: str) -> 
     """A candidate adapter trained on the valid records, continuing the champion (on GPU when there is one)."""
     from cl_core.pipeline.training import load_anchor_prompts
     from cl_core.pipeline.training import train_candidate as train
+    from cl_core.serving.client import check_lora_rank
 
+    # Before any training: a rank the servers cannot load would otherwise be found only at evaluation.
+    continual = config.training.continual
+    check_lora_rank(config.endpoints.vllm_urls, continual.adapter_rank,
+                    how=f"lora_rank {continual.lora_rank} x {continual.rank_blocks} rank block(s)")
     work = Path(config.state_dir) / "runs" / run_id / "train"
     registry = clients.registry(config)
     parent = registry.version_for("champion")

@@ -96,7 +96,7 @@ class NoopSink:
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
-class GatewayError(Exception):
+class GatewayError(ContinualError):
     """An error the gateway answers itself, OpenAI-shaped."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

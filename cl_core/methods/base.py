@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from cl_core.errors import CheckpointError, InvalidInputError
 from cl_core.learner.peft_learner import Example
+from cl_core.registry import Registry, package_loader
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ class AntiForgettingMethod:
     """Base class: every hook has a neutral default, so a method overrides only what it changes."""
 
     name: ClassVar[str] = ""
+    per_task_blocks: ClassVar[bool] = False
+    """True when each task trains its own rank block of `lora_rank` (progressive, olora, packnet): the adapter then
+    has `max_tasks` blocks, and a config may hold at most one such method. `ContinualConfig` derives the adapter's
+    rank and that check from this attribute, so a new block method needs no edit there."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A method that sizes the adapter itself (overrides `rank_blocks`) without declaring `per_task_blocks`
+        # carves per-task blocks: that is how progressive and packnet said so before the attribute existed.
+        if "per_task_blocks" not in cls.__dict__ and "rank_blocks" in cls.__dict__:
+            cls.per_task_blocks = True
 
     def __init__(self, settings: MethodSettings, source: ExampleSource | None = None) -> None:
         self.settings = settings
@@ -101,8 +113,8 @@ class AntiForgettingMethod:
 
     # --- how the adapter must be shaped -----------------------------------------------------------------------
     def rank_blocks(self) -> int:
-        """How many rank blocks of `lora_rank` the adapter needs (per-task blocks: `max_tasks`)."""
-        return 1
+        """How many rank blocks of `lora_rank` the adapter needs: `max_tasks` for per-task block methods, else 1."""
+        return self.settings.max_tasks if self.per_task_blocks else 1
 
     # --- hooks ------------------------------------------------------------------------------------------------
     def begin_task(self, task: TaskContext, learner: LearnerView) -> None:
@@ -141,36 +153,33 @@ class AntiForgettingMethod:
         """Restore what `state()` returned."""
 
 
-_REGISTRY: dict[str, type[AntiForgettingMethod]] = {}
+METHODS: Registry[type[AntiForgettingMethod]] = Registry("anti-forgetting method",
+                                                         loader=package_loader("cl_core.methods"))
+"""Every anti-forgetting method by name. The first lookup imports each module of `cl_core.methods`, so a new
+method is one new file there with `@register_method("name")`; `ContinualConfig` checks names against this."""
 
 
 def register_method(name: str) -> Callable[[type[AntiForgettingMethod]], type[AntiForgettingMethod]]:
     """Class decorator: make a method available under `name` (in configs and `make_method`)."""
+    register = METHODS.register(name)
 
     def decorate(cls: type[AntiForgettingMethod]) -> type[AntiForgettingMethod]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"anti-forgetting method {name!r} is already registered by {_REGISTRY[name]}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        if not (isinstance(cls, type) and issubclass(cls, AntiForgettingMethod)):
+            raise InvalidInputError(f"@register_method({name!r}) decorates AntiForgettingMethod subclasses, "
+                                    f"got {cls!r}")
+        return register(cls)
 
     return decorate
 
 
 def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    """Names accepted by `make_method` and `ContinualConfig.anti_forgetting`, sorted."""
+    return METHODS.names()
 
 
 def make_method(name: str, settings: MethodSettings, source: ExampleSource | None = None) -> AntiForgettingMethod:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise InvalidInputError(f"unknown anti-forgetting method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](settings, source)
-
-
-def _load_builtin() -> None:
-    import cl_core.methods.builtin  # noqa: F401 - registers the methods shipped with cl_core
+    """The method registered as `name`; an unknown name raises `InvalidInputError` listing the known ones."""
+    return METHODS.get(name)(settings, source)
 
 
 def save_tensors_and_meta(directory: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

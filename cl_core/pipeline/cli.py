@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cl_core.errors import ContinualError
+
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(ContinualError):
     """Bad input the user can fix; printed without a traceback, exit code 2."""
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from cl_core.config import ContinualConfig
 from cl_core.data.s3 import DEFAULT_BUCKET as DEFAULT_S3_BUCKET
 from cl_core.data.s3 import DEFAULT_ENDPOINT as DEFAULT_S3_ENDPOINT
 from cl_core.errors import ConfigError
+from cl_core.pipeline.gate import GateConfigError, GateRules
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "infra" / "pipeline.yaml"
@@ -162,7 +163,9 @@ class PipelineConfig:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
-    gate: dict[str, Any] = field(default_factory=dict)
+    gate: GateRules = field(default_factory=GateRules)
+    """The promotion rules, parsed with the rest of the file: a typo in a rule fails at load, before training.
+    A mapping (the YAML section, or a test's override) is parsed into `GateRules` on construction."""
     model_name: str = "continual-adapter"
     experiment: str = "continual-learning"
     stable_name: str = "continual"
@@ -170,6 +173,10 @@ class PipelineConfig:
     """Versioned adapter names (`continual@v7`) kept loaded on the servers for instant rollback."""
     state_dir: Path = REPO_ROOT / ".state" / "pipeline"
     source: str = "<defaults>"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gate, GateRules):
+            object.__setattr__(self, "gate", parse_gate(self.gate, self.source))
 
     @property
     def max_tokens(self) -> int:
@@ -220,9 +227,18 @@ class PipelineConfig:
                    schedule=_section(ScheduleSettings, raw, "schedule", source),
                    validation=_section(ValidationSettings, raw, "validation", source),
                    evaluation=_section(EvaluationSettings, raw, "evaluation", source),
-                   gate=dict(raw.get("gate") or {}),
+                   gate=parse_gate(raw.get("gate"), source),
                    **{k: raw[k] for k in ("model_name", "experiment", "stable_name", "keep_versions") if k in raw},
                    state_dir=state_dir if state_dir.is_absolute() else REPO_ROOT / state_dir, source=source)
+
+
+def parse_gate(section: Mapping[str, Any] | None, source: str = "<dict>") -> GateRules:
+    """The `gate:` section as `GateRules` (null or {} = the defaults); a bad rule raises `GateConfigError` (a
+    `ConfigError`) naming the file, the key and what it accepts."""
+    try:
+        return GateRules.from_mapping(section)
+    except GateConfigError as exc:
+        raise GateConfigError(f"{source}: {exc}") from None
 
 
 def _section(kind: type, raw: dict[str, Any], name: str, source: str) -> Any:

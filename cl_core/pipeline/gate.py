@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cl_core.errors import ConfigError
+
 # Metrics measured per model by the evaluation step.
 MEASURED_METRICS: tuple[str, ...] = (
     "heldout_exact", "heldout_logprob", "corrections_exact", "probe_exact", "probe_logprob", "replay_exact",
@@ -38,7 +40,7 @@ _TOLERANCE = 1e-9
 GAIN_CHECKS: frozenset[str] = frozenset({"heldout_gain", "corrections_exact"})
 
 
-class GateConfigError(ValueError):
+class GateConfigError(ConfigError):
     """The gate rules (a `gate:` section of the pipeline config) are invalid; the message names the fix."""
 
 

@@ -41,6 +41,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from cl_core.bank.manifest import MANIFEST_FILE as BANK_MANIFEST_FILE
+from cl_core.errors import ContinualError
 from cl_core.pipeline.gate import DERIVED_METRICS, GateDecision, derive
 from mlflow import MlflowClient
 
@@ -61,7 +62,7 @@ _HTTP_POLICY_LOCK = threading.RLock()
 T = TypeVar("T")
 
 
-class RegistryUnavailable(RuntimeError):
+class RegistryUnavailable(ContinualError, RuntimeError):
     """The MLflow server (or its artifact store) did not answer after the retries; nothing was left half-done."""
 
     def __init__(self, uri: str, what: str, attempts: int, elapsed_s: float, cause: BaseException) -> None:
@@ -72,7 +73,7 @@ class RegistryUnavailable(RuntimeError):
             f"status` locally) and that MLFLOW_TRACKING_URI / --tracking-uri point at it.")
 
 
-class VersionNotFound(LookupError):
+class VersionNotFound(ContinualError, LookupError):
     """A version number or alias that the registered model does not have."""
 
 

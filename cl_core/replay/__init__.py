@@ -6,10 +6,12 @@ Each strategy lives in its own module and registers itself by name:
 - `herding`  iCaRL herding exemplars per task, balanced across tasks (Rebuffi et al. 2017);
 - `gradient` GSS-greedy gradient-diversity memory (Aljundi et al. 2019).
 Build one with `make_replay_strategy(name, capacity, seed, **options)`; persist it with `save(dir)` and restore it
-with `load(dir)` or `load_replay_strategy(dir)`.
+with `load(dir)` or `load_replay_strategy(dir)`. A new strategy is one new module here (`REPLAY_STRATEGIES` imports
+every module of this package on its first lookup).
 """
 
 from cl_core.replay.base import (
+    REPLAY_STRATEGIES,
     Candidate,
     FeatureSource,
     ReplayStrategy,
@@ -24,6 +26,7 @@ from cl_core.replay.priority import PriorityReplay
 from cl_core.replay.reservoir import ReservoirReplay
 
 __all__ = [
+    "REPLAY_STRATEGIES",
     "Candidate",
     "FeatureSource",
     "GradientDiversityReplay",

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cl_core.errors import CheckpointError, InvalidInputError
+from cl_core.registry import Registry, package_loader
 
 STATE_FORMAT = 1
 TENSORS_FILE = "replay.safetensors"
@@ -300,44 +301,34 @@ def read_state(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
 
 # -- registry -------------------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[ReplayStrategy]] = {}
+REPLAY_STRATEGIES: Registry[type[ReplayStrategy]] = Registry("replay strategy",
+                                                             loader=package_loader("cl_core.replay"))
+"""Every replay strategy by name. The first lookup imports each module of `cl_core.replay`, so a new strategy is one
+new file there with `@register_replay_strategy("name")`; `ContinualConfig.replay_strategy` is checked against it."""
 S = TypeVar("S", bound=type[ReplayStrategy])
 
 
 def register_replay_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: make a ReplayStrategy subclass available to `make_replay_strategy(name, ...)`."""
-    if not isinstance(name, str) or not name:
-        raise InvalidInputError(f"a replay strategy name must be a non-empty string, got {name!r}")
+    register = REPLAY_STRATEGIES.register(name)
 
     def decorate(cls: S) -> S:
         if not (isinstance(cls, type) and issubclass(cls, ReplayStrategy)):
             raise TypeError(f"@register_replay_strategy({name!r}) decorates ReplayStrategy subclasses, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise InvalidInputError(f"replay strategy {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return register(cls)
 
     return decorate
 
 
-def _ensure_builtins() -> None:
-    import cl_core.replay  # noqa: F401 - importing the package registers the built-in strategies
-
-
 def available_replay_strategies() -> list[str]:
     """Names accepted by `make_replay_strategy`, sorted."""
-    _ensure_builtins()
-    return sorted(_REGISTRY)
+    return REPLAY_STRATEGIES.names()
 
 
 def make_replay_strategy(name: str, capacity: int, seed: int = 0, **options: Any) -> ReplayStrategy:
     """Build the strategy registered as `name`; unknown names or options raise InvalidInputError listing the
     accepted ones."""
-    _ensure_builtins()
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise InvalidInputError(f"unknown replay strategy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = REPLAY_STRATEGIES.get(name)
     unknown = sorted(set(options) - set(cls.option_names()))
     if unknown:
         raise InvalidInputError(f"replay strategy {name!r} has no option {', '.join(unknown)}; its options: "

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from cl_core.errors import ContinualError, InvalidInputError
+from cl_core.errors import ConfigError, ContinualError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,19 @@ class PromotionFailed(ServingError):
 
 class StageFailed(PromotionFailed):
     """The versioned name could not be loaded on every replica; it was unloaded from those that took it."""
+
+
+class LoRARankTooLarge(ServingError, ConfigError):
+    """The adapter a run would train has a larger rank than a server accepts (its `--max-lora-rank`): found before
+    training, instead of when the candidate is refused at evaluation."""
+
+    def __init__(self, server: str, limit: int, rank: int, how: str = "") -> None:
+        self.server, self.limit, self.rank = server, limit, rank
+        detail = f" ({how})" if how else ""
+        super().__init__(f"vLLM server {server} serves LoRA adapters up to rank {limit} (max_lora_rank, its "
+                         f"--max-lora-rank), but this run would train an adapter of rank {rank}{detail}, which it "
+                         f"would refuse at evaluation. Lower the rank (training.lora_rank; per-task block methods "
+                         f"multiply it by max_tasks) or restart the servers with --max-lora-rank ≥ {rank}")
 
 
 def _refusal_hint(status: int, message: str) -> str:
@@ -207,6 +220,41 @@ class VLLMServer:
         """Every name the server serves -> its path (the base model's directory, or the adapter's path)."""
         data = self._json("GET", "/v1/models", "listing models")
         return {card["id"]: card.get("root") or "" for card in data.get("data", [])}
+
+    def max_lora_rank(self) -> int | None:
+        """The largest LoRA rank the server accepts (its `--max-lora-rank`), or None when it does not say.
+
+        vLLM 0.32 reports it only in `GET /server_info?config_format=json` (`vllm_config.lora_config`); the
+        `/v1/models` cards carry `max_model_len` but no LoRA limits. `/server_info` is a dev-mode endpoint
+        (`VLLM_SERVER_DEV_MODE=1`, which the pipeline's servers already need for `/reset_prefix_cache`): without
+        it the answer is None and the limit shows only when an adapter is loaded. The first call costs the server
+        a few seconds (it collects its environment once, then caches it). Raises `ServingError` when the server
+        runs with LoRA off (no `--enable-lora`): no adapter could be served at all.
+        """
+        response = self._send("GET", "/server_info", params={"config_format": "json"})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:  # a check before a run must not fail it on a server-side hiccup
+            log.warning("%s: /server_info failed (HTTP %d: %s); its max LoRA rank is unknown", self.base_url,
+                        response.status_code, _error_message(response))
+            return None
+        try:
+            config = response.json()["vllm_config"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: /server_info holds no vllm_config; its max LoRA rank is unknown", self.base_url)
+            return None
+        if not isinstance(config, Mapping) or "lora_config" not in config:
+            log.warning("%s: /server_info holds no lora_config; its max LoRA rank is unknown", self.base_url)
+            return None
+        lora = config["lora_config"]
+        if lora is None:
+            raise ServingError(f"vLLM server {self.base_url} runs with LoRA off, so it cannot serve any adapter: "
+                               "start it with --enable-lora (and --max-lora-rank ≥ the adapter's rank)")
+        limit = lora.get("max_lora_rank") if isinstance(lora, Mapping) else None
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            log.warning("%s: /server_info gives max_lora_rank=%r; its max LoRA rank is unknown", self.base_url, limit)
+            return None
+        return limit
 
     # --- adapters -----------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str, inplace: bool = False) -> None:
@@ -391,6 +439,28 @@ class VLLMServer:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(fn, items))
+
+
+def check_lora_rank(urls: Sequence[str], rank: int, *, how: str = "", timeout: float = DEFAULT_TIMEOUT_S,
+                    transport: httpx.BaseTransport | None = None) -> dict[str, int | None]:
+    """Before a run: can every server in `urls` serve an adapter of `rank`? Each server's limit (None: it does not
+    say, see `VLLMServer.max_lora_rank`). Raises `LoRARankTooLarge` (a `ConfigError`) naming the first server
+    that would refuse it, `how` saying where the rank comes from (e.g. "lora_rank 16 x 4 rank blocks")."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidInputError(f"rank must be an integer ≥ 1 (the adapter's LoRA rank), got {rank!r}")
+    if isinstance(urls, str) or not urls:
+        raise InvalidInputError(f"urls must be a non-empty list of server root URLs, got {urls!r}")
+    limits: dict[str, int | None] = {}
+    for url in urls:
+        with VLLMServer(url, timeout=timeout, transport=transport) as server:
+            limit = server.max_lora_rank()
+            limits[server.base_url] = limit
+            if limit is None:
+                log.warning("%s does not report its max LoRA rank (no VLLM_SERVER_DEV_MODE=1?); an adapter of rank "
+                            "%d is checked only when it is loaded", server.base_url, rank)
+            elif rank > limit:
+                raise LoRARankTooLarge(server.base_url, limit, rank, how)
+    return limits
 
 
 def _check_name(name: str) -> None:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from cl_core.errors import ContinualError
 
-class StackError(RuntimeError):
+
+class StackError(ContinualError, RuntimeError):
     """A local-stack operation failed; the message says which service and what to do."""
 
 

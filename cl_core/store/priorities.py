@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from cl_core.errors import InvalidInputError
+from cl_core.registry import Registry
 
 # Added to clamped weights: an item of weight 0 could never be drawn, and a group of all-zero weights (e.g. only
 # feedback with reward ≤ 0) could not be sampled at all. 1e-6 is far below any loss or rating that matters.
@@ -60,28 +61,30 @@ class PriorityFunction:
         return f"{type(self).__name__}()"
 
 
-_REGISTRY: dict[str, Callable[..., PriorityFunction]] = {}
+PRIORITY_FUNCTIONS: Registry[type[PriorityFunction]] = Registry("priority function")
+"""Every priority function by name (the built-ins are defined below, in this module); `ContinualConfig`
+checks `priority_function` against it."""
 
 
 def register(cls: type[PriorityFunction]) -> type[PriorityFunction]:
     """Class decorator: make a priority function available by its `name`."""
+    if not (isinstance(cls, type) and issubclass(cls, PriorityFunction)):
+        raise InvalidInputError(f"@register decorates PriorityFunction subclasses, got {cls!r}")
     if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+        raise InvalidInputError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    return PRIORITY_FUNCTIONS.register(cls.name)(cls)
 
 
 def priority_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    """Registered priority function names, sorted."""
+    return tuple(PRIORITY_FUNCTIONS.names())
 
 
 def get_priority_function(spec: str | PriorityFunction, **options: Any) -> PriorityFunction:
     """The priority function named `spec` (built with `options`), or `spec` itself if it already is one."""
     if isinstance(spec, PriorityFunction):
         return spec
-    if not isinstance(spec, str) or spec not in _REGISTRY:
-        raise InvalidInputError(f"unknown priority function {spec!r}; known: {', '.join(priority_names())}")
-    return _REGISTRY[spec](**options)
+    return PRIORITY_FUNCTIONS.get(spec)(**options)
 
 
 @register
