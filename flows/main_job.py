@@ -78,7 +78,7 @@ def ask_gateway(config: PipelineConfig, questions: list[str]) -> list[str]:
                 "max_tokens": 24, "temperature": 0})
             reply.raise_for_status()
             text = reply.json()["choices"][0]["message"]["content"].strip().replace("\n", " ")[:60]
-            out.append(f"[{reply.headers.get('x-cl-adapter', '?')}] {text}")
+            out.append(f"({reply.headers.get('x-cl-adapter', '?')}) {text}")
     return out
 
 

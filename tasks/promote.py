@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def _promote_bank(config: PipelineConfig, deployment: Any, bundle: Path, version
     target = Path(config.endpoints.adapter_dir) / MANIFEST_FILE
     previous = BankManifest.load(target) if target.exists() else None
     result = deployment.promote_bank(manifest, target)
+    _reload_gateways(config, manifest)
     keep = set(manifest.served_names(config.stable_name).values())
     keep |= set(previous.served_names(config.stable_name).values()) if previous else set()
     prefix = f"{config.stable_name}-"
@@ -97,3 +99,31 @@ def _promote_bank(config: PipelineConfig, deployment: Any, bundle: Path, version
         if name.startswith(prefix) and "@v" in name and name not in keep:
             deployment.retire(name)
     return result
+
+
+def _reload_gateways(config: PipelineConfig, manifest: Any) -> None:
+    """Make the gateway route by the new manifest before promotion returns (its file watcher would pick it up
+    within a second, but only after loading the router and embedder; a client asking right after promotion must
+    already get the new bank). Verified by the served names the gateway reports."""
+    import httpx
+
+    url = config.endpoints.gateway_url
+    if not url:
+        return
+    expected = set(manifest.served_names(config.stable_name).values())
+    try:
+        reply = httpx.post(f"{url}/admin/reload", timeout=300)
+        reply.raise_for_status()
+        info = httpx.get(f"{url}/v1/bank", timeout=30).json()
+    except httpx.HTTPError as exc:
+        raise GatewayNotReloaded(f"the gateway {url} did not reload the promoted bank manifest ({exc}); the replicas "
+                                 "serve the new adapters, and the gateway picks the manifest up when it can: check "
+                                 "its log and GET /v1/bank") from exc
+    described = json.dumps(info)  # the gateway's own description of the bank it routes by names its adapters
+    missing = sorted(name for name in expected if name not in described)
+    if missing:
+        raise GatewayNotReloaded(f"the gateway {url} reloaded but does not route to {missing}: {info}")
+
+
+class GatewayNotReloaded(ContinualError):
+    """The replicas serve the promoted bank but the gateway does not route by it yet."""
