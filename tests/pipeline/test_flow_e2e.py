@@ -43,7 +43,9 @@ def pipeline_env(s3_service: Any, mlflow_service: str, vllm_server: Any, prefect
         monkeypatch.setenv(key, value)
     overrides = {
         "model_name": model_name, "stable_name": stable,
-        "training": {"model": str(vllm_server.model_path), "lora_rank": 8, "max_model_len": 256, "dtype": "float32",
+        # One adapter behind the stable name (infra/pipeline.yaml trains a bank; the bank test asks for one).
+        "training": {"model": str(vllm_server.model_path), "num_adapters": 1, "adapter_routing": "task_id",
+                     "lora_rank": 8, "max_model_len": 256, "dtype": "float32",
                      "train_precision": "float32", "batch_size": 4, "max_steps": 12, "epochs": 2,
                      "ewc_samples": 4, "correction_max_steps": 40, "learning_rate": 0.003,
                      "correction_learning_rate": 0.003, "correction_margin": 1.0, "ewc_lambda": 1000.0,
@@ -236,9 +238,14 @@ def test_a_bank_round_trains_only_its_adapters_and_promotes_the_whole_bank(pipel
 def _seed_labels(env: dict[str, Any], task: str, n: int) -> None:
     from cl_core.data.experiences import ExperienceRecord, ExperienceWriter
     from cl_core.data.s3 import S3Settings, make_client
+    from cl_core.pipeline.training import is_heldout
 
+    fraction = env["overrides"]["evaluation"]["heldout_fraction"]
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    while not any(is_heldout(i, fraction) for i in ids) or all(is_heldout(i, fraction) for i in ids):
+        ids = [uuid.uuid4().hex for _ in range(n)]  # the gate needs a held-out item, training a trained one
     settings = S3Settings.from_env()
     with ExperienceWriter(make_client(settings), settings) as writer:
-        for i in range(n):
-            writer.add(ExperienceRecord(id=uuid.uuid4().hex, kind="label", prompt=f"Count to {i}.",
+        for i, record_id in enumerate(ids):
+            writer.add(ExperienceRecord(id=record_id, kind="label", prompt=f"Count to {i}.",
                                         response=" ".join(str(k) for k in range(i + 1)), task=task))
