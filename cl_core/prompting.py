@@ -6,10 +6,13 @@ same token ids (the model's chat template when it has one) and append the respon
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from cl_core.errors import InvalidInputError
+from cl_core.errors import ConfigError, InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,20 @@ def encode_pair(tokenizer: Any, prompt: str, response: str, add_eos: bool = True
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids.append(int(tokenizer.eos_token_id))
     return EncodedPair(encode_prompt(tokenizer, prompt), response_ids)
+
+
+def read_prompt_list(path: Path, setting: str, choices: str, what: str = "questions",
+                     keys: Sequence[str] = ("questions",)) -> list[str]:
+    """The prompts of a JSON file holding a list of strings (or an object with one of `keys`), de-duplicated in
+    order. `setting` (e.g. "neighbourhood_pool='x.json'") and `choices` ("'builtin' or a JSON file") name what the
+    user set and what they may give in the error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{setting}: cannot read {path} as JSON ({exc}); give {choices} holding a list of "
+                          f"{what}") from exc
+    items = next((data[k] for k in keys if k in data), None) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items or not all(isinstance(q, str) and q.strip() for q in items):
+        raise ConfigError(f"{setting}: {path} must hold a non-empty list of {what[:-1]} strings "
+                          f"(or {{\"{keys[0]}\": [...]}})")
+    return list(dict.fromkeys(items))

@@ -10,10 +10,9 @@ its real subjects are disjoint from the corrections benchmark's). A JSON file of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from cl_core.errors import ConfigError
+from cl_core.prompting import read_prompt_list
 
 BUILTIN = "builtin"
 NONE = "none"
@@ -26,15 +25,8 @@ def load_calibration_prompts(source: str) -> list[str]:
     if source == NONE:
         return []
     path = BUILTIN_FILE if source == BUILTIN else Path(source).expanduser()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"router_calibration={source!r}: cannot read {path} as JSON ({exc}); give 'builtin', "
-                          "'none' or a JSON file holding a list of prompts") from exc
-    prompts = data.get("questions", data.get("prompts")) if isinstance(data, dict) else data
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ConfigError(f"router_calibration={source!r}: {path} must hold a non-empty list of prompt strings")
-    return list(dict.fromkeys(prompts))
+    return read_prompt_list(path, f"router_calibration={source!r}", "'builtin', 'none' or a JSON file",
+                            what="prompts", keys=("questions", "prompts"))
 
 
 __all__ = ["BUILTIN", "NONE", "load_calibration_prompts"]

@@ -25,7 +25,6 @@ responses.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ import torch
 from cl_core.errors import ConfigError, InvalidInputError
 from cl_core.learner.peft_learner import Example
 from cl_core.methods.base import AntiForgettingMethod, LearnerView, TaskContext, register_method
-from cl_core.prompting import EncodedPair, encode_prompt, format_prompt
+from cl_core.prompting import EncodedPair, encode_prompt, format_prompt, read_prompt_list
 
 log = logging.getLogger(__name__)
 BUILTIN_POOL = "builtin"
@@ -224,17 +223,7 @@ def load_pool(pool: str) -> list[str]:
     if not isinstance(pool, str) or not pool.strip():
         raise ConfigError(f"neighbourhood_pool={pool!r} is invalid: give 'builtin' or the path of a JSON file")
     path = POOL_FILE if pool == BUILTIN_POOL else Path(pool).expanduser()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"neighbourhood_pool={pool!r}: cannot read {path} as JSON ({exc}); give 'builtin' or a "
-                          "JSON file holding a list of questions") from exc
-    questions = data.get("questions") if isinstance(data, dict) else data
-    if not isinstance(questions, list) or not questions or \
-            not all(isinstance(q, str) and q.strip() for q in questions):
-        raise ConfigError(f"neighbourhood_pool={pool!r}: {path} must hold a non-empty list of question strings "
-                          "(or {\"questions\": [...]})")
-    return list(dict.fromkeys(questions))
+    return read_prompt_list(path, f"neighbourhood_pool={pool!r}", "'builtin' or a JSON file")
 
 
 def prompt_text(tokenizer: Any, prompt_ids: Sequence[int]) -> str:
